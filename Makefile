@@ -1,0 +1,28 @@
+# Two commands: `make run` builds a release from the embedded sample; `make test` runs the tests.
+# Both create .venv and install the project first (pinned versions in pyproject.toml).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kvqa-installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/kvqa build
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/text_stages.py --quick
+	$(BIN)/python benchmarks/publish.py --quick
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,66 @@
+"""`kvqa` command line: build a release, publish it, regenerate the embedded sample."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import flows  # noqa: F401  (sets Prefect's offline, quiet defaults before prefect is imported)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Regenerate a Kvasir-VQA-x1-style GI-endoscopy VQA dataset from source labels.")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def build(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
+                                                help="run config YAML (default: the embedded sample)"),
+          output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
+    """Build a Hub-ready release folder from source labels and images."""
+    _logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flows.build_release import build_release
+
+    report = build_release(str(config) if config else None, str(output_root) if output_root else None)
+    typer.echo(json.dumps({k: report[k] for k in ("run_name", "release", "quarantine")}, indent=2,
+                          default=str)[:4000])
+
+
+@app.command()
+def publish(repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME of the Hub dataset repo"),
+            config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False),
+            output_root: Optional[Path] = typer.Option(None),
+            private: bool = typer.Option(False, help="create the repo as private"),
+            endpoint: Optional[str] = typer.Option(None, help="Hub endpoint (default: huggingface.co)")) -> None:
+    """Upload a built release folder to the Hub (token from HF_TOKEN)."""
+    _logging()
+    from kvqa.config import load_config
+    from publish import upload_release
+
+    cfg = load_config(config, {"output_root": str(output_root)} if output_root else None)
+    url = upload_release(cfg.run_dir / "release", repo_id, private=private, endpoint=endpoint)
+    typer.echo(f"published {cfg.run_dir / 'release'} to {repo_id}: {url}")
+
+
+@app.command("make-sample")
+def make_sample(out: Optional[Path] = typer.Option(None, help="output folder (default: data/sample)"),
+                seed: int = typer.Option(2026)) -> None:
+    """Regenerate the embedded synthetic sample (deterministic)."""
+    from data.make_sample import SAMPLE_DIR, write_sample
+
+    typer.echo(f"wrote {write_sample(out or SAMPLE_DIR, seed)}")
+
+
+if __name__ == "__main__":
+    app()

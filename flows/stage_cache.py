@@ -1,0 +1,61 @@
+"""Cross-run stage caching keyed by code version, stage config and input digests.
+
+Prefect's own task caching is per flow run unless results are persisted, and its TASK_SOURCE policy does
+not see helper code; here a stage is skipped when a marker written *after* its outputs records the same key
+and the outputs still have the recorded digests. A killed run therefore resumes from the last finished
+stage, and a re-run with anything changed (config, inputs, catalog, code) redoes exactly what depends on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+from kvqa.config import PROJECT_ROOT
+from kvqa.tables import file_digest, stable_hash, write_json
+
+log = logging.getLogger("kvqa")
+
+
+def code_version(*packages: str) -> str:
+    """A digest of every .py file of the named top-level packages (plus the shared core)."""
+    files = sorted(p for pkg in ("kvqa", *packages) for p in (PROJECT_ROOT / pkg).rglob("*.py"))
+    return stable_hash(*(f"{p.relative_to(PROJECT_ROOT)}:{file_digest(p)}" for p in files))[:16]
+
+
+def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[dict, list[str]]]) -> dict:
+    """Run `build` unless a marker with the same key exists and its outputs are intact.
+
+    `build` writes its files and returns (summary, output paths relative to run_dir). Returns the summary,
+    from the marker when the stage is skipped.
+    """
+    marker = run_dir / "stages" / f"{name}.done.json"
+    digest = stable_hash(json.dumps(key, sort_keys=True, default=str))
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        if done.get("key") == digest and all(
+            (run_dir / out).is_file() and file_digest(run_dir / out) == sha
+            for out, sha in done.get("outputs", {}).items()
+        ):
+            log.info("stage %-9s cached (key %s)", name, digest[:12])
+            return done["summary"]
+    summary, outputs = build()
+    if os.environ.get("KVQA_KILL_AFTER_STAGE") == name:
+        # Fault injection for the kill-and-resume tests: die with SIGKILL at the worst moment, after the
+        # stage's outputs are written and before its marker says so.
+        os.kill(os.getpid(), signal.SIGKILL)
+    missing = [o for o in outputs if not (run_dir / o).is_file()]
+    if missing:
+        raise RuntimeError(f"stage {name} did not write {missing}")
+    write_json({"key": digest, "outputs": {o: file_digest(run_dir / o) for o in outputs}, "summary": summary},
+               marker)
+    log.info("stage %-9s done: %s", name, json.dumps(summary, sort_keys=True)[:200])
+    return summary
+
+
+def digests(run_dir: Path, *names: str) -> dict[str, str]:
+    return {n: file_digest(run_dir / n) for n in names}

@@ -1,0 +1,62 @@
+"""The realizer backend interface shared by the template realizer and the LLM backends.
+
+A backend receives plans with their facts already resolved (it never reads tables) and returns, per plan,
+either a realised question/answer or a rejection with its reason. Everything else -- provenance, the
+`original` column, counting -- is done once in `generate.realize`, whatever the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class PlanFact:
+    fact_id: str
+    question_class: str
+    answer_type: str
+    values: tuple[str, ...]
+    source_question: str
+    source_answer: str
+
+
+@dataclass(frozen=True)
+class PlanInput:
+    plan_id: str
+    source: str
+    img_id: str
+    complexity: int
+    facts: tuple[PlanFact, ...]
+
+
+@dataclass(frozen=True)
+class Realized:
+    plan_id: str
+    question: str
+    answer: str
+    # Positions in PlanInput.facts, in the order the question asks about them.
+    order: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    plan_id: str
+    reason: str
+    detail: str
+    raw: str = ""
+
+
+class RealizerBackend(Protocol):
+    """Turns plans into natural question/answer pairs."""
+
+    name: str
+
+    @property
+    def version(self) -> str:
+        """Prompt or template version recorded in every row's provenance."""
+        ...
+
+    def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:
+        """One result per plan, in the order given."""
+        ...

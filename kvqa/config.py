@@ -1,0 +1,122 @@
+"""The one configuration model of a run, validated by pydantic and loaded from YAML.
+
+Relative paths in a config file are resolved against the file's own folder, so a config and its data can
+move together. Every stage receives only its own section, which is also what its cache key covers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kvqa.catalog import DEFAULT_CATALOG_PATH
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_CONFIG_PATH = PROJECT_ROOT / "data" / "configs" / "sample.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KvasirVQASource(_Strict):
+    """A Kvasir-VQA metadata CSV (`source,question,answer,img_id`) and the folder of its `<img_id>.jpg`."""
+
+    kind: Literal["kvasir_vqa"] = "kvasir_vqa"
+    name: str = Field(default="kvasir-vqa", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    metadata_csv: Path
+    image_dir: Path
+    license: str = "CC BY-NC 4.0"
+    image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+
+
+SourceConfig = Annotated[KvasirVQASource, Field(discriminator="kind")]
+
+
+class PlanConfig(_Strict):
+    """How many level-2 and level-3 combinations to draw per image.
+
+    For level k an image gets round(ratio * n_facts) distinct k-combinations of its facts, capped by the
+    number that exist. Ratios of 1.0 reproduce the release's balance (about as many level-2 and level-3
+    rows as level-1 rows).
+    """
+
+    level_ratios: dict[int, float] = Field(default_factory=lambda: {2: 1.0, 3: 1.0})
+
+    @field_validator("level_ratios")
+    @classmethod
+    def _levels(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = [k for k in v if k not in (2, 3)]
+        if bad:
+            raise ValueError(f"level_ratios keys must be 2 or 3, got {bad}")
+        if any(r < 0 for r in v.values()):
+            raise ValueError("level_ratios must be >= 0")
+        return dict(sorted(v.items()))
+
+
+class GenerateConfig(_Strict):
+    backend: Literal["template"] = "template"
+
+
+class SplitConfig(_Strict):
+    test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+
+
+class PublishConfig(_Strict):
+    pretty_name: str = "Kvasir-VQA-x1 (kvqa regeneration)"
+    license: str = "cc-by-nc-4.0"
+    max_shard_bytes: int = Field(default=500 * 1024 * 1024, gt=0)
+    row_group_rows: int = Field(default=1000, gt=0)
+
+
+class Config(_Strict):
+    run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 42
+    output_root: Path = Path("runs")
+    catalog: Path = DEFAULT_CATALOG_PATH
+    sources: list[SourceConfig] = Field(min_length=1)
+    plans: PlanConfig = PlanConfig()
+    generate: GenerateConfig = GenerateConfig()
+    split: SplitConfig = SplitConfig()
+    publish: PublishConfig = PublishConfig()
+
+    @model_validator(mode="after")
+    def _unique_source_names(self) -> "Config":
+        names = [s.name for s in self.sources]
+        if len(names) != len(set(names)):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_root / self.run_name
+
+
+def _resolve(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def load_config(path: Path | str | None = None, overrides: dict | None = None) -> Config:
+    """Load a YAML config; relative paths are taken from the config file's folder.
+
+    `output_root` defaults to `runs/` in the current working directory when the file does not name one.
+    """
+    path = Path(path) if path is not None else SAMPLE_CONFIG_PATH
+    data = yaml.safe_load(path.read_text()) or {}
+    data.update(overrides or {})
+    base = path.resolve().parent
+    for src in data.get("sources", []):
+        for key in ("metadata_csv", "image_dir"):
+            src[key] = _resolve(src.get(key), base)
+    data["catalog"] = _resolve(data.get("catalog"), base) or str(DEFAULT_CATALOG_PATH)
+    if "output_root" in data:
+        data["output_root"] = _resolve(data["output_root"], base)
+    else:
+        data["output_root"] = str(Path("runs").resolve())
+    return Config.model_validate(data)

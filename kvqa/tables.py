@@ -1,0 +1,115 @@
+"""Table IO shared by every stage: atomic parquet/JSON writes, digests, seeded generators.
+
+Writes go to a temporary file in the target folder and are renamed into place, so a killed run never
+leaves a half-written table that a later run could mistake for a finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+QUARANTINE_COLUMNS = ["stage", "source", "key", "reason", "detail", "raw"]
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files should be readable
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return Path(path)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def write_json(obj: object, path: Path) -> Path:
+    return write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", path)
+
+
+def write_text(text: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stable_hash(*parts: object) -> str:
+    """A hex digest of the parts, independent of process, platform and PYTHONHASHSEED."""
+    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()
+
+
+def rng_for(seed: int, *key: object) -> np.random.Generator:
+    """A generator seeded by the config seed and a stable key, never by process order."""
+    entropy = int(stable_hash(seed, *key)[:32], 16)
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+class HashDraws:
+    """Cheap deterministic draws from sha256(seed, key, block): for hot loops where building a numpy
+    Generator per item would dominate (the template realizer draws a handful of numbers per plan)."""
+
+    def __init__(self, seed: int, *key: object):
+        self._prefix = "\x1f".join(map(str, (seed, *key))).encode()
+        self._block = 0
+        self._buf = b""
+
+    def below(self, n: int) -> int:
+        """A uniform integer in [0, n) (bias < n / 2**64)."""
+        if len(self._buf) < 8:
+            self._buf += hashlib.sha256(self._prefix + b"\x1f%d" % self._block).digest()
+            self._block += 1
+        value, self._buf = int.from_bytes(self._buf[:8], "little"), self._buf[8:]
+        return value % n
+
+    def permutation(self, n: int) -> list[int]:
+        """A uniform shuffle of range(n)."""
+        return self.sample(n, n)
+
+    def sample(self, n: int, k: int) -> list[int]:
+        """k distinct integers of range(n), uniformly, in draw order (partial Fisher-Yates)."""
+        items = list(range(n))
+        for i in range(min(k, n)):
+            j = i + self.below(n - i)
+            items[i], items[j] = items[j], items[i]
+        return items[:k]
+
+
+def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows rejected by a stage, each with a machine-readable reason and a human-readable detail."""
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS).astype(str)

@@ -1,0 +1,130 @@
+"""The dataset card (`README.md`), computed from the written shards rather than from intermediate tables.
+
+Reading the counts back from the parquet files is what makes the card trustworthy: whatever the card says
+is what `load_dataset` will see. The YAML header declares the `configs:` that `datasets` needs to find
+the splits in a local folder or a Hub repo.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import yaml
+
+CARD_COLUMNS = ["img_id", "complexity", "question_class", "source", "answer"]
+CITATION = """@article{Gautam2025Jun,
+  author = {Gautam, Sushant and Riegler, Michael A. and Halvorsen, P{\\aa}l},
+  title = {{Kvasir-VQA-x1: A Multimodal Dataset for Medical Reasoning and Robust MedVQA in Gastrointestinal Endoscopy}},
+  journal = {arXiv},
+  year = {2025},
+  eprint = {2506.09958},
+  doi = {10.48550/arXiv.2506.09958}
+}"""
+
+
+def read_release_counts(release_dir: Path, files: dict[str, list[dict]]) -> dict[str, pd.DataFrame]:
+    """The card-relevant columns of every split, read back from the shards."""
+    return {split: pd.concat([pq.read_table(release_dir / f["file"], columns=CARD_COLUMNS).to_pandas()
+                              for f in shard_list], ignore_index=True)
+            for split, shard_list in files.items()}
+
+
+def _size_category(n: int) -> str:
+    for bound, name in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M")]:
+        if n < bound:
+            return name
+    return "1M<n<10M"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def card_counts(data: dict[str, pd.DataFrame]) -> dict:
+    """Counts per split, complexity, class and source: the figures the card prints (tests compare them)."""
+    out: dict = {"splits": {}}
+    for split, df in data.items():
+        classes = Counter(c for cl in df["question_class"] for c in cl)
+        out["splits"][split] = {
+            "rows": len(df), "images": int(df["img_id"].nunique()),
+            "complexity": {int(k): int(v) for k, v in sorted(Counter(df["complexity"]).items())},
+            "question_class": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "source": dict(sorted(Counter(df["source"]).items())),
+            "mean_answer_words": round(float(df["answer"].str.split().str.len().mean()), 2) if len(df) else 0.0,
+        }
+    return out
+
+
+def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name: str, license: str,
+                sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame) -> tuple[str, dict]:
+    """Return (README.md text, the counts it states)."""
+    data = read_release_counts(Path(release_dir), files)
+    counts = card_counts(data)
+    total = sum(s["rows"] for s in counts["splits"].values())
+    header = {
+        "license": license, "pretty_name": pretty_name, "language": ["en"],
+        "task_categories": ["visual-question-answering"],
+        "tags": ["medical", "endoscopy", "gastrointestinal", "vqa", "kvasir"],
+        "size_categories": [_size_category(total)],
+        "configs": [{"config_name": "default",
+                     "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files]}],
+    }
+    splits = counts["splits"]
+    levels = sorted({lvl for s in splits.values() for lvl in s["complexity"]})
+    classes = sorted({c for s in splits.values() for c in s["question_class"]},
+                     key=lambda c: (-sum(s["question_class"].get(c, 0) for s in splits.values()), c))
+    q_counts = quarantine.groupby(["stage", "reason"]).size().reset_index(name="n") if len(quarantine) else None
+    parts = [
+        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+        f"# {pretty_name}", "",
+        "Visual question answering pairs about gastrointestinal endoscopy images, generated from source labels "
+        "by the open kvqa pipeline in the format of Kvasir-VQA-x1: each row merges 1-3 "
+        "atomic question/answer pairs about one image (`complexity`) into one natural question and one "
+        "concise clinical answer, and lists the atomic pairs it was built from in `original`.", "",
+        f"Generator: `{generator}`. Every count below was read back from the parquet files of this folder.", "",
+        "## Splits", "",
+        _table(["split", "rows", "images", "mean answer words"],
+               [[s, v["rows"], v["images"], v["mean_answer_words"]] for s, v in splits.items()]), "",
+        "Splits are disjoint by image (all rows of an image are in one split), stratified by source and "
+        "source category.", "",
+        "## Rows per complexity", "",
+        _table(["split", *[f"level {lvl}" for lvl in levels]],
+               [[s, *[v["complexity"].get(lvl, 0) for lvl in levels]] for s, v in splits.items()]), "",
+        "## Rows per question class", "",
+        "A row counts once for every class it holds.", "",
+        _table(["question_class", *splits], [[c, *[v["question_class"].get(c, 0) for v in splits.values()]]
+                                             for c in classes]), "",
+        "## Sources and licenses", "",
+        _table(["source", "kind", "license", *[f"{s} rows" for s in splits]],
+               [[src["name"], src["kind"], src["license"], *[v["source"].get(src["name"], 0)
+                                                              for v in splits.values()]] for src in sources]),
+        "", f"This release is distributed under {license.upper()}; each source's own license applies to its "
+        "images and labels.", "",
+        "## Quarantine", "",
+        "Inputs the pipeline could not use, by stage and reason (each input is either in the release or here):",
+        "",
+        _table(["stage", "reason", "count"], q_counts.values.tolist()) if q_counts is not None else "None.", "",
+        "## Columns", "",
+        _table(["column", "meaning"], [
+            ["img_id", "image id in its source"],
+            ["complexity", "number of atomic QA pairs merged into the question (1-3)"],
+            ["question", "natural clinical question"], ["answer", "concise clinical answer"],
+            ["original", "JSON list of the atomic pairs `[{\"q\": ..., \"a\": ...}]`, in question order"],
+            ["question_class", "one class per atomic pair, in question order"],
+            ["image", "the image, bytes embedded"],
+            ["qa_id", "stable id of the pair"], ["source", "source dataset name"],
+            ["source_label", "image category in its source"],
+            ["generator", "realizer backend"], ["generator_version", "template/prompt version and hash"],
+        ]), "",
+        "## Configuration used", "", "```yaml", config_yaml.strip(), "```", "",
+        "## Citation", "", "```bibtex", CITATION, "```", "",
+        "<!-- kvqa-counts", json.dumps(counts, sort_keys=True), "-->", "",
+    ]
+    return "\n".join(parts), counts

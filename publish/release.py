@@ -1,0 +1,123 @@
+"""Write the Hub-ready release folder: `data/{split}-NNNNN-of-NNNNN.parquet` + `README.md`.
+
+`datasets` does not embed image files by itself when given paths, so the writer puts each image's bytes
+into the `image` struct ({bytes, path}) and stores the `datasets` features in the parquet schema metadata;
+`load_dataset(folder)` then decodes the column as images, offline. Rows are streamed shard by shard in row
+groups, reading each image once per split (rows are grouped by image), so memory stays bounded by one row
+group whatever the release size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Features, Image, List, Value
+from tqdm.auto import tqdm
+
+from kvqa.config import PublishConfig
+from kvqa.tables import atomic_path, file_digest
+
+RELEASE_COLUMNS = ["img_id", "complexity", "question", "answer", "original", "question_class", "image",
+                   "qa_id", "source", "source_label", "generator", "generator_version"]
+RELEASE_FEATURES = Features({
+    "img_id": Value("string"),
+    "complexity": Value("int32"),
+    "question": Value("string"),
+    "answer": Value("string"),
+    "original": Value("string"),
+    "question_class": List(Value("string")),
+    "image": Image(),
+    "qa_id": Value("string"),
+    "source": Value("string"),
+    "source_label": Value("string"),
+    "generator": Value("string"),
+    "generator_version": Value("string"),
+})
+SPLITS = ("train", "test")
+
+
+def release_rows(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """QA rows of usable images with their split and image file, in the release's row order."""
+    rows = qa.merge(splits[["source", "img_id", "split"]], on=["source", "img_id"], how="inner")
+    rows = rows.merge(images[["source", "img_id", "path", "n_bytes"]], on=["source", "img_id"], how="inner")
+    return rows.sort_values(["split", "source", "img_id", "complexity", "qa_id"], kind="stable")
+
+
+def plan_shards(rows: pd.DataFrame, max_shard_bytes: int) -> list[pd.DataFrame]:
+    """Cut a split's rows into shards of at most ~max_shard_bytes (image bytes + text), in order."""
+    size = rows["n_bytes"].to_numpy() + rows["question"].str.len().to_numpy() + rows["answer"].str.len().to_numpy()
+    shards, start, acc = [], 0, 0
+    for i, s in enumerate(size):
+        if acc and acc + s > max_shard_bytes:
+            shards.append(rows.iloc[start:i])
+            start, acc = i, 0
+        acc += int(s)
+    shards.append(rows.iloc[start:])
+    return shards
+
+
+def column_codecs(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every leaf column except the image bytes: JPEG/PNG do not compress, zstd only costs CPU."""
+    paths = []
+    for f in schema:
+        if pa.types.is_struct(f.type):
+            paths += [f"{f.name}.{child.name}" for child in f.type]
+        elif pa.types.is_list(f.type):
+            paths.append(f"{f.name}.list.element")
+        else:
+            paths.append(f.name)
+    return {p: ("NONE" if p == "image.bytes" else "ZSTD") for p in paths}
+
+
+def _write_shard(rows: pd.DataFrame, path: Path, row_group_rows: int, bar: tqdm) -> None:
+    schema = RELEASE_FEATURES.arrow_schema
+    last_path, last_bytes = None, b""
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema, compression=column_codecs(schema),
+                              use_dictionary=["img_id", "source", "source_label", "generator",
+                                              "generator_version"]) as w:
+            for start in range(0, len(rows), row_group_rows):
+                chunk = rows.iloc[start:start + row_group_rows]
+                images = []
+                for p, img_id in zip(chunk["path"], chunk["img_id"]):
+                    if p != last_path:
+                        last_path, last_bytes = p, Path(p).read_bytes()
+                    images.append({"bytes": last_bytes, "path": f"{img_id}{Path(p).suffix.lower()}"})
+                cols = {c: chunk[c].tolist() for c in RELEASE_COLUMNS if c != "image"}
+                cols["image"] = images
+                w.write_table(pa.Table.from_pydict({c: cols[c] for c in RELEASE_COLUMNS}, schema=schema))
+                bar.update(len(chunk))
+
+
+def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, out_dir: Path,
+                  config: PublishConfig) -> dict:
+    """Write every split's shards into `out_dir/data`; return {split: [(file, rows, sha256)]}.
+
+    Shards of a previous, different layout are removed so the folder always holds exactly one release.
+    """
+    out_dir = Path(out_dir)
+    data_dir = out_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rows = release_rows(qa, splits, images)
+    planned: dict[str, list[pd.DataFrame]] = {
+        split: plan_shards(part, config.max_shard_bytes)
+        for split, part in rows.groupby("split", sort=False) if split in SPLITS
+    }
+    names = {split: [f"{split}-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
+             for split, shards in planned.items()}
+    keep = {n for ns in names.values() for n in ns}
+    for stale in data_dir.glob("*.parquet"):
+        if stale.name not in keep:
+            stale.unlink()
+    written: dict[str, list[dict]] = {}
+    with tqdm(total=len(rows), desc="write release", unit="row", mininterval=1.0,
+              disable=len(rows) < 5000) as bar:
+        for split in SPLITS:
+            for shard, name in zip(planned.get(split, []), names.get(split, [])):
+                _write_shard(shard, data_dir / name, config.row_group_rows, bar)
+                written.setdefault(split, []).append(
+                    {"file": f"data/{name}", "rows": len(shard), "sha256": file_digest(data_dir / name)})
+    return written

@@ -1,0 +1,90 @@
+"""Image inventory: find, hash and fully decode every image a source's facts refer to.
+
+An image that is missing, unreadable, truncated or not a still image is quarantined with its reason here,
+so that publishing (and augmentation) only ever sees images that decode. Decoding fully (`load()`, not
+just `verify()`) is what catches a JPEG cut short by a broken download.
+
+Images table (`stages/images.parquet`):
+
+| column | type | meaning |
+|---|---|---|
+| source | str | source name |
+| img_id | str | image id |
+| path | str | absolute path of the file |
+| sha256 | str | digest of the file's bytes (what the release embeds, unchanged) |
+| format | str | PIL format (JPEG, PNG) |
+| width, height | int | pixel size |
+| n_bytes | int | file size |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from kvqa.config import SourceConfig
+from kvqa.tables import quarantine_frame
+
+IMAGE_COLUMNS = ["source", "img_id", "path", "sha256", "format", "width", "height", "n_bytes"]
+ALLOWED_FORMATS = {"JPEG", "PNG"}
+STAGE = "images"
+
+
+class ImageError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def find_image(image_dir: Path, img_id: str, extensions: tuple[str, ...]) -> Path | None:
+    for ext in extensions:
+        for cand in (image_dir / f"{img_id}{ext}", image_dir / f"{img_id}{ext.upper()}"):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def check_image(path: Path) -> dict:
+    """Hash and fully decode one image file; raise ImageError with a reason if it is not usable."""
+    data = path.read_bytes()
+    if not data:
+        raise ImageError("empty_image", f"{path.name} is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt = im.format
+                im.load()
+                width, height = im.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageError("unreadable_image", f"{path.name}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError("corrupt_image", f"{path.name}: {err}") from err
+    if fmt not in ALLOWED_FORMATS:
+        raise ImageError("unsupported_format", f"{path.name} is {fmt}, expected one of {sorted(ALLOWED_FORMATS)}")
+    return {"sha256": hashlib.sha256(data).hexdigest(), "format": fmt, "width": width, "height": height,
+            "n_bytes": len(data)}
+
+
+def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every (source, img_id) in `wanted`; return (usable images, quarantined images)."""
+    by_name = {s.name: s for s in sources}
+    keys = wanted[["source", "img_id"]].drop_duplicates().sort_values(["source", "img_id"])
+    ok, bad = [], []
+    for source, img_id in tqdm(list(keys.itertuples(index=False, name=None)), desc="check images",
+                               unit="img", mininterval=1.0, disable=len(keys) < 500):
+        src = by_name[source]
+        path = find_image(Path(src.image_dir), img_id, src.image_extensions)
+        try:
+            if path is None:
+                raise ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {src.image_dir}")
+            ok.append({"source": source, "img_id": img_id, "path": str(path), **check_image(path)})
+        except ImageError as err:
+            bad.append({"stage": STAGE, "source": source, "key": img_id, "reason": err.reason,
+                        "detail": str(err), "raw": str(path or "")})
+    return pd.DataFrame(ok, columns=IMAGE_COLUMNS), quarantine_frame(bad)

@@ -1,0 +1,178 @@
+"""Kvasir-VQA metadata CSV (`source,question,answer,img_id`) -> atomic facts.
+
+The real file's quirks are handled here, not downstream: the misspelt "instrumnets" question, multi-values
+joined by `"; "` or `";"` in any order, typos such as `lower-rigth` and `>20` (mapped by the catalog's
+synonyms), the `none` rows with an empty answer, the subjective "Is this finding easy to detect?" that the
+release dropped, and images whose polyps were labelled on several rows (merged into one fact).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from kvqa.catalog import MULTI_VALUED, AnswerType, Catalog, QuestionClass, normalise_token
+from kvqa.config import KvasirVQASource
+from kvqa.tables import quarantine_frame, stable_hash
+
+FACT_COLUMNS = [
+    "fact_id", "source", "img_id", "source_label", "question_class", "answer_type",
+    "values", "source_question", "source_answer", "source_rows",
+]
+REQUIRED_HEADER = ("source", "question", "answer", "img_id")
+IMG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+COUNT_RE = re.compile(r"^\d{1,3}$")
+STAGE = "sources"
+
+
+@dataclass
+class ParsedSource:
+    facts: pd.DataFrame
+    quarantine: pd.DataFrame
+    rows_read: int = 0
+
+
+class AnswerError(ValueError):
+    """An atomic answer that cannot be mapped onto its class's vocabulary."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class _Candidate:
+    line: int
+    label: str
+    question: str
+    answer: str
+    values: tuple[str, ...]
+    raw: dict = field(repr=False)
+
+
+def parse_answer(qc: QuestionClass, answer: str, separator: str = ";") -> tuple[str, ...]:
+    """Canonical values of one atomic answer, in vocabulary order; raises AnswerError with a reason."""
+    parts = [normalise_token(p) for p in answer.split(separator)]
+    parts = [p for p in parts if p]
+    if not parts:
+        raise AnswerError("empty_answer", "the answer is empty")
+    if qc.answer_type == AnswerType.count:
+        if len(parts) != 1 or not COUNT_RE.match(parts[0]):
+            raise AnswerError("bad_count", f"{answer!r} is not a non-negative integer")
+        return (str(int(parts[0])),)
+    unknown = [p for p in parts if p not in qc.lookup]
+    if unknown:
+        raise AnswerError("unknown_value", f"{unknown} not in the vocabulary of {qc.name}")
+    values = sorted({qc.lookup[p] for p in parts}, key=qc.sort_key)
+    if qc.answer_type not in MULTI_VALUED and len(values) != 1:
+        raise AnswerError("too_many_values", f"{qc.name} takes one value, got {values}")
+    if "none" in values and len(values) > 1:
+        raise AnswerError("contradictory_values", f"'none' together with {values}")
+    return tuple(values)
+
+
+def _merge(qc: QuestionClass, cands: list[_Candidate]) -> tuple[tuple[str, ...] | None, str]:
+    """Merge several rows of one (img_id, class): a union for multi-valued classes, else they must agree.
+
+    Kvasir-VQA lists one row per polyp for some images ("paris ip" and "paris is" on two rows), so a union
+    is the faithful reading; two different counts or yes/no answers are a contradiction.
+    """
+    distinct = sorted({c.values for c in cands})
+    if len(distinct) == 1:
+        return distinct[0], ""
+    if qc.answer_type in MULTI_VALUED:
+        union = sorted({v for vals in distinct for v in vals}, key=qc.sort_key)
+        if "none" not in union:
+            return tuple(union), ""
+    return None, f"rows disagree: {[list(d) for d in distinct]}"
+
+
+def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedSource:
+    """Parse the metadata CSV into facts; every row becomes part of a fact or a quarantine record."""
+    path = Path(src.metadata_csv)
+    if not path.is_file():
+        raise FileNotFoundError(f"Kvasir-VQA metadata CSV not found: {path}")
+    quarantined: list[dict] = []
+    candidates: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
+    labels_by_image: dict[str, Counter] = defaultdict(Counter)
+    dropped = {q.strip() for q in catalog.dropped_questions}
+    empty = {normalise_token(q) for q in catalog.empty_questions}
+    rows_read = 0
+
+    def reject(line: int, reason: str, detail: str, raw: object) -> None:
+        quarantined.append({"stage": STAGE, "source": src.name, "key": f"line {line}", "reason": reason,
+                            "detail": detail, "raw": json.dumps(raw, ensure_ascii=False)})
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in REQUIRED_HEADER if c not in header]
+        if missing:
+            raise ValueError(f"{path}: not a Kvasir-VQA metadata CSV, header {header} lacks {missing}")
+        idx = {c: header.index(c) for c in REQUIRED_HEADER}
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue  # a blank line is not a label row
+            rows_read += 1
+            if len(row) != len(header):
+                reject(line, "malformed_row", f"{len(row)} fields, expected {len(header)}", row)
+                continue
+            rec = {c: row[i] for c, i in idx.items()}
+            img_id, question, answer = rec["img_id"].strip(), rec["question"].strip(), rec["answer"]
+            if not IMG_ID_RE.match(img_id):
+                reject(line, "malformed_row", f"bad img_id {img_id!r}", rec)
+            elif normalise_token(question) in empty:
+                reject(line, "empty_question", "question is empty or 'none' (no atomic pair)", rec)
+            elif question in dropped:
+                reject(line, "dropped_question", "dropped from Kvasir-VQA-x1 (subjective)", rec)
+            elif question not in catalog.class_by_question:
+                reject(line, "unknown_question", f"no catalog class asks {question!r}", rec)
+            else:
+                qc = catalog.class_by_question[question]
+                try:
+                    values = parse_answer(qc, answer, catalog.value_separator)
+                except AnswerError as err:
+                    reject(line, err.reason, str(err), rec)
+                    continue
+                label = rec["source"].strip()
+                candidates[(img_id, qc.name)].append(_Candidate(line, label, question, answer, values, rec))
+                labels_by_image[img_id][label] += 1
+
+    facts: list[dict] = []
+    for (img_id, cls), cands in candidates.items():
+        qc = catalog.classes[cls]
+        # An image has one category; rows that name another contradict the image's majority label.
+        label = min(labels_by_image[img_id].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        for c in [c for c in cands if c.label != label]:
+            reject(c.line, "conflicting_source", f"row says {c.label!r}, image is {label!r}", c.raw)
+        cands = [c for c in cands if c.label == label]
+        if not cands:
+            continue
+        values, why = _merge(qc, cands)
+        if values is None:
+            for c in cands:
+                reject(c.line, "conflicting_answers", why, c.raw)
+            continue
+        answer = cands[0].answer.strip() if len(cands) == 1 else "; ".join(values)
+        facts.append({
+            "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
+            "source_label": label, "question_class": cls, "answer_type": str(qc.answer_type),
+            "values": list(values), "source_question": cands[0].question, "source_answer": answer,
+            "source_rows": [c.line for c in cands],
+        })
+    order = {name: i for i, name in enumerate(catalog.classes)}
+    facts_df = pd.DataFrame(facts, columns=FACT_COLUMNS)
+    if len(facts_df):
+        facts_df = (facts_df.assign(_o=facts_df["question_class"].map(order))
+                    .sort_values(["source", "img_id", "_o"], kind="stable").drop(columns="_o")
+                    .reset_index(drop=True))
+    q = quarantine_frame(quarantined)
+    q = q.assign(_l=q["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
+    return ParsedSource(facts=facts_df, quarantine=q.reset_index(drop=True), rows_read=rows_read)

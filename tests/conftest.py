@@ -1,0 +1,92 @@
+"""Shared fixtures. Real label files are read from ../shared/data (CI has it beside the checkout)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+REAL_CSV = SHARED / "kvasir-vqa" / "metadata-sample.csv"
+SAMPLE_DIR = ROOT / "data" / "sample"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def real_csv() -> Path:
+    if not REAL_CSV.is_file():
+        pytest.skip(f"real Kvasir-VQA labels not found at {REAL_CSV} (../shared/data is absent)")
+    return REAL_CSV
+
+
+@pytest.fixture(scope="session")
+def catalog():
+    from kvqa.catalog import load_catalog
+
+    return load_catalog()
+
+
+def write_config(path: Path, csv: Path, images: Path, run_name: str = "t", **extra) -> Path:
+    import yaml
+
+    cfg = {"run_name": run_name, "seed": 42, "output_root": str(path.parent / "runs"),
+           "sources": [{"kind": "kvasir_vqa", "name": "kvasir-vqa", "metadata_csv": str(csv),
+                        "image_dir": str(images)}], **extra}
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def copy_sample(dest: Path) -> tuple[Path, Path]:
+    """A private copy of the embedded sample that a test may corrupt."""
+    shutil.copytree(SAMPLE_DIR, dest)
+    return dest / "metadata.csv", dest / "images"
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the real `kvqa` CLI (and so the real Prefect flow) in a fresh process group.
+
+    Output goes to files, not pipes, and the group is killed afterwards: a run killed with SIGKILL leaves
+    Prefect's temporary server orphaned, and it would otherwise hold the pipes (and the test) open.
+    """
+    full_env = {**os.environ, **(env or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        popen = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=full_env,
+                                 stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            returncode = popen.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        proc = subprocess.CompletedProcess(popen.args, returncode, out.read(), err.read())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kvqa {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tree_digests(folder: Path) -> dict[str, str]:
+    from kvqa.tables import file_digest
+
+    return {str(p.relative_to(folder)): file_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.endswith(".done.json")}
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory) -> Path:
+    """One build of the embedded sample through the real CLI and flow; tests compare against it."""
+    root = tmp_path_factory.mktemp("sample-build") / "runs"
+    proc = run_cli("build", "--output-root", str(root))
+    assert "release written" in proc.stderr
+    return root / "sample"

@@ -1,0 +1,110 @@
+"""End to end through the real CLI and Prefect flow on the embedded sample: load, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections import Counter
+from pathlib import Path
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import copy_sample, run_cli, tree_digests, write_config
+
+
+def _counts_from_card(readme: str) -> dict:
+    return json.loads(re.search(r"<!-- kvqa-counts\n(.*)\n-->", readme, re.S).group(1))
+
+
+def load_release(release: Path, cache: Path):
+    """`datasets` reuses a cached build of another folder with the same name (seen with datasets 5.2),
+    so every load here gets its own cache folder."""
+    import datasets
+
+    return datasets.load_dataset(str(release), cache_dir=str(cache))
+
+
+def test_release_loads_offline_with_datasets(sample_run, tmp_path):
+    ds = load_release(sample_run / "release", tmp_path / "hf-cache")
+    assert set(ds) == {"train", "test"}
+    train, test = ds["train"], ds["test"]
+    assert train.column_names[:7] == ["img_id", "complexity", "question", "answer", "original",
+                                      "question_class", "image"]
+    assert isinstance(train[0]["image"], Image.Image) and train[0]["image"].size == (400, 320)
+    # Disjoint by image.
+    assert not set(train["img_id"]) & set(test["img_id"])
+    # The card's counts are the data's counts.
+    card = _counts_from_card((sample_run / "release" / "README.md").read_text())
+    for name, split in ds.items():
+        df = split.remove_columns("image").to_pandas()
+        c = card["splits"][name]
+        assert c["rows"] == len(df) and c["images"] == df["img_id"].nunique()
+        assert {int(k): v for k, v in c["complexity"].items()} == dict(Counter(df["complexity"]))
+        assert c["question_class"] == dict(Counter(x for cl in df["question_class"] for x in cl))
+        assert f"| {name} | {len(df)} | {df['img_id'].nunique()} |" in (sample_run / "release/README.md").read_text()
+        for orig, classes, k in zip(df["original"], df["question_class"], df["complexity"]):
+            pairs = json.loads(orig)
+            assert len(pairs) == len(classes) == k and all(set(p) == {"q", "a"} for p in pairs)
+
+
+def test_report_reconciles(sample_run):
+    report = json.loads((sample_run / "report.json").read_text())
+    s = report["sources"]
+    assert s["rows_read"] == s["rows_in_facts"] + s["quarantined"]
+    assert report["plans"]["plans"] == report["generate"]["qa"] + report["generate"]["rejected"]
+    assert report["generate"]["qa"] == sum(report["release"]["rows"].values()) + report["release"]["dropped_for_images"]
+    q = pd.read_parquet(sample_run / "quarantine.parquet")
+    assert len(q) == report["quarantine"]["total"] == s["quarantined"]
+    assert set(q["reason"]) == {"dropped_question", "empty_question"}  # the sample's deliberate quirks
+
+
+def test_two_runs_are_byte_identical_and_rerun_is_cached(sample_run, tmp_path):
+    other = tmp_path / "runs"
+    run_cli("build", "--output-root", str(other))
+    assert tree_digests(other / "sample") == tree_digests(sample_run)
+    again = run_cli("build", "--output-root", str(other))
+    assert again.stderr.count(" cached (key ") == 6
+    assert tree_digests(other / "sample") == tree_digests(sample_run)
+
+
+@pytest.mark.parametrize("stage", ["generate", "release"])
+def test_killed_run_resumes_to_the_same_bytes(sample_run, tmp_path, stage):
+    root = tmp_path / "runs"
+    killed = run_cli("build", "--output-root", str(root), env={"KVQA_KILL_AFTER_STAGE": stage}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (root / "sample" / "report.json").exists()
+    resumed = run_cli("build", "--output-root", str(root))
+    assert "stage sources   cached" in resumed.stderr  # finished stages are not redone
+    assert f"stage {stage:<9} cached" not in resumed.stderr  # the unmarked stage is redone
+    assert tree_digests(root / "sample") == tree_digests(sample_run)
+
+
+def test_bad_input_is_quarantined_and_counts_reconcile(tmp_path):
+    csv_path, images = copy_sample(tmp_path / "sample")
+    ids = sorted(p.stem for p in images.glob("*.jpg"))
+    corrupt, missing = ids[0], ids[1]
+    data = (images / f"{corrupt}.jpg").read_bytes()
+    (images / f"{corrupt}.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG
+    (images / f"{missing}.jpg").unlink()
+    with open(csv_path, "a") as f:
+        f.write("Polyps,Is there text?,yes\n")                                  # malformed row
+        f.write(f"Polyps,Is the patient sedated?,yes,{ids[2]}\n")               # unknown question
+    cfg = write_config(tmp_path / "bad.yaml", csv_path, images, run_name="bad")
+    run_cli("build", "--config", str(cfg))
+    run = tmp_path / "runs" / "bad"
+    q = pd.read_parquet(run / "quarantine.parquet")
+    by = {(r.stage, r.reason): r for r in q.itertuples()}
+    assert by[("images", "corrupt_image")].key == corrupt
+    assert by[("images", "missing_image")].key == missing
+    assert ("sources", "malformed_row") in by and ("sources", "unknown_question") in by
+    qa = pd.read_parquet(run / "stages" / "qa.parquet")
+    lost = q[q.stage == "publish"]
+    assert set(lost["reason"]) == {"image_quarantined"}
+    assert set(qa[qa.qa_id.isin(lost.key)].img_id) == {corrupt, missing}
+    report = json.loads((run / "report.json").read_text())
+    assert report["sources"]["rows_read"] == report["sources"]["rows_in_facts"] + report["sources"]["quarantined"]
+    assert len(qa) == sum(report["release"]["rows"].values()) + len(lost)
+    ds = load_release(run / "release", tmp_path / "hf-cache")
+    assert not {corrupt, missing} & (set(ds["train"]["img_id"]) | set(ds["test"]["img_id"]))
