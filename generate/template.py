@@ -23,12 +23,12 @@ def number_word(n: int) -> str:
     return NUMBER_WORDS[n] if 0 <= n < len(NUMBER_WORDS) else str(n)
 
 
-def join_list(items: Sequence[str], conjunction: str = "and") -> str:
-    """'a', 'a and b', 'a, b and c'."""
+def join_list(items: Sequence[str], oxford: bool = False) -> str:
+    """'a', 'a and b', 'a, b and c' (or 'a, b, and c' with the serial comma, for joining clauses)."""
     items = list(items)
-    if len(items) <= 1:
-        return "".join(items)
-    return f"{', '.join(items[:-1])} {conjunction} {items[-1]}"
+    if len(items) <= 2:
+        return " and ".join(items)
+    return f"{', '.join(items[:-1])}{',' if oxford else ''} and {items[-1]}"
 
 
 def lower_first(text: str) -> str:
@@ -69,26 +69,12 @@ def render_answer_clause(qc: QuestionClass, values: Sequence[str], template: str
 def compose_question(questions: Sequence[str]) -> str:
     """One coordinated question: 'A?', 'A and b?', 'A, b, and c?'."""
     parts = [q.strip().rstrip("?").strip() for q in questions]
-    parts = [parts[0]] + [lower_first(p) for p in parts[1:]]
-    if len(parts) == 1:
-        body = parts[0]
-    elif len(parts) == 2:
-        body = f"{parts[0]} and {parts[1]}"
-    else:
-        body = f"{', '.join(parts[:-1])}, and {parts[-1]}"
-    return upper_first(body) + "?"
+    return upper_first(join_list([parts[0]] + [lower_first(p) for p in parts[1:]], oxford=True)) + "?"
 
 
 def compose_answer(clauses: Sequence[str]) -> str:
     """One concise answer: 'A.', 'A and b.', 'A, b, and c.'."""
-    clauses = [c.strip().rstrip(".") for c in clauses]
-    if len(clauses) == 1:
-        body = clauses[0]
-    elif len(clauses) == 2:
-        body = f"{clauses[0]} and {clauses[1]}"
-    else:
-        body = f"{', '.join(clauses[:-1])}, and {clauses[-1]}"
-    return upper_first(body) + "."
+    return upper_first(join_list([c.strip().rstrip(".") for c in clauses], oxford=True)) + "."
 
 
 class TemplateRealizer:
