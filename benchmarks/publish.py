@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from _common import SHARED, base_csv, peak_rss_mib, print_json, print_table, scale_metadata, timed
 
-from generate import compose_plans, make_backend, realize_plans
+from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from kvqa.catalog import load_catalog
 from kvqa.config import GenerateConfig, KvasirVQASource, PlanConfig, PublishConfig
 from publish import assign_splits, write_release
@@ -62,7 +62,8 @@ def main() -> None:
         facts = read_sources(
             [KvasirVQASource(metadata_csv=tmp / "metadata.csv", image_dir=tmp)], catalog).facts
         plans = compose_plans(facts, PlanConfig(), 42)
-        qa, _ = realize_plans(plans, facts, make_backend(GenerateConfig(), catalog, 42))
+        qa, _ = realize_plans(plans, facts, make_backend(GenerateConfig(), catalog, 42),
+                                         GroundingChecker(catalog))
         # Fold the scaled image ids onto n_images files (rank modulo n_images, so every file is used).
         rank = {img: k for k, img in enumerate(sorted(qa["img_id"].unique()))}
         qa["img_id"] = [f"img{rank[i] % n_images:05d}" for i in qa["img_id"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _common import base_csv, peak_rss_mib, print_json, print_table, scale_metadata, timed
 
-from generate import compose_plans, make_backend, realize_plans
+from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from kvqa.catalog import load_catalog
 from kvqa.config import GenerateConfig, KvasirVQASource, PlanConfig
 from publish import assign_splits
@@ -41,7 +41,8 @@ def main() -> None:
         with timed(t, "plan"):
             plans = compose_plans(parsed.facts, PlanConfig(), seed=42)
         with timed(t, "realize"):
-            qa, rejected = realize_plans(plans, parsed.facts, make_backend(GenerateConfig(), catalog, 42))
+            qa, rejected = realize_plans(plans, parsed.facts, make_backend(GenerateConfig(), catalog, 42),
+                                         GroundingChecker(catalog))
         with timed(t, "split"):
             images = qa[["source", "img_id", "source_label"]].drop_duplicates()
             splits = assign_splits(images, 0.1, seed=42)

@@ -15,7 +15,8 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from flows.stage_cache import cached_stage, code_version, digests
-from generate import compose_plans, make_backend, realize_plans
+from generate import GroundingChecker, compose_plans, make_backend, realize_plans
+from generate.prompts import PROMPTS_DIR
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config
 from kvqa.tables import file_digest, quarantine_frame, read_table, write_json, write_table, write_text
@@ -83,16 +84,20 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     catalog = load_catalog(cfg.catalog)
     key = {"code": code_version("generate"), "generate": cfg.generate.model_dump(mode="json"),
            "seed": cfg.seed, "catalog": catalog.digest,
+           "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))},
            "inputs": digests(run_dir, "stages/facts.parquet", "stages/plans.parquet")}
 
     def build():
         facts = read_table(run_dir / "stages/facts.parquet")
         plans = read_table(run_dir / "stages/plans.parquet")
-        qa, rejected = realize_plans(plans, facts, make_backend(cfg.generate, catalog, cfg.seed))
-        reconcile("plans", len(plans), len(qa), len(rejected))
+        backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
+                               batch_dir=run_dir / "batch")
+        qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
+        reconcile("plans", len(plans), int((~qa["qa_id"].str.contains(r"-p\d+$")).sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
-        return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": _by_reason(rejected)},
+        return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": _by_reason(rejected),
+                 "llm_usage": getattr(backend, "usage", {})},
                 ["stages/qa.parquet", "stages/quarantine_generate.parquet"])
 
     return cached_stage(run_dir, "generate", key, build)

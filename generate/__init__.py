@@ -5,11 +5,12 @@ realizer is the offline default; LLM backends implement the same `RealizerBacken
 """
 
 from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Rejected
+from generate.grounding import GroundingChecker
 from generate.plans import PLAN_COLUMNS, compose_plans
 from generate.realize import QA_COLUMNS, make_backend, realize_plans
 from generate.template import TemplateRealizer
 
 __all__ = [
-    "PLAN_COLUMNS", "QA_COLUMNS", "PlanFact", "PlanInput", "Realized", "RealizerBackend", "Rejected",
+    "GroundingChecker", "PLAN_COLUMNS", "QA_COLUMNS", "PlanFact", "PlanInput", "Realized", "RealizerBackend", "Rejected",
     "TemplateRealizer", "compose_plans", "make_backend", "realize_plans",
 ]

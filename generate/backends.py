@@ -37,6 +37,10 @@ class Realized:
     answer: str
     # Positions in PlanInput.facts, in the order the question asks about them.
     order: tuple[int, ...]
+    # Hash of the rendered prompt (LLM backends) or of the phrasing choice (template).
+    prompt_hash: str = ""
+    # More phrasings of the question (the optional naturalize step); each becomes a row of its own.
+    variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -59,4 +63,8 @@ class RealizerBackend(Protocol):
 
     def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:
         """One result per plan, in the order given."""
+        ...
+
+    def review(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
+        """Steps after the grounding check (LLM judge, paraphrases); one result per pair, in order."""
         ...

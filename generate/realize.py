@@ -13,10 +13,13 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 | answer | str | concise answer consistent with every fact |
 | original | str | JSON list `[{"q": verbatim atomic question, "a": atomic answer}]`, in question order |
 | question_class | list[str] | one class per atomic pair, in question order |
-| generator | str | backend name (`template`, ...) |
+| generator | str | backend name (`template`, `openai:MODEL`, ...) |
 | generator_version | str | template or prompt version and hash |
+| prompt_hash | str | hash of the rendered prompt of this row (LLM backends; empty for templates) |
 
-Rejected plans go to the quarantine table with their reason: plans = QA rows + rejected, always.
+Every realised pair goes through the grounding check, then the backend's review (LLM judge, paraphrases).
+Rejected plans go to the quarantine table with their reason: plans = QA rows + rejected, always, where
+paraphrase rows (`qa_id` ending in `-pN`) are extra rows of an accepted plan.
 """
 
 from __future__ import annotations
@@ -26,21 +29,40 @@ import json
 import pandas as pd
 from tqdm.auto import tqdm
 
-from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend
+from pathlib import Path
+
+from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Rejected
+from generate.grounding import GroundingChecker
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig
 from kvqa.tables import quarantine_frame
 
 QA_COLUMNS = ["qa_id", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
-              "question_class", "generator", "generator_version"]
+              "question_class", "generator", "generator_version", "prompt_hash"]
 STAGE = "generate"
 
 
-def make_backend(config: GenerateConfig, catalog: Catalog, seed: int) -> RealizerBackend:
+def make_backend(config: GenerateConfig, catalog: Catalog, seed: int, cache_dir: Path | None = None,
+                 batch_dir: Path | None = None) -> RealizerBackend:
+    """The configured backend; LLM transports are imported only when chosen (vLLM is an extra)."""
     if config.backend == "template":
         return TemplateRealizer(catalog, seed)
-    raise ValueError(f"unknown generate backend {config.backend!r}")
+    from generate.llm import LLMClient, LLMRealizer
+    from generate.llm_cache import RequestCache
+
+    llm = config.llm
+    if config.backend == "openai":
+        from generate.openai_backend import OpenAITransport
+        transport = OpenAITransport(llm)
+    elif config.backend == "batch":
+        from generate.batch_backend import BatchTransport
+        transport = BatchTransport(llm, batch_dir or Path("."))
+    else:
+        from generate.vllm_backend import VLLMTransport
+        transport = VLLMTransport(llm)
+    cache = RequestCache(Path(llm.cache_dir or cache_dir or Path("llm-cache")))
+    return LLMRealizer(LLMClient(transport, cache, llm, seed), GroundingChecker(catalog))
 
 
 def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:
@@ -54,12 +76,24 @@ def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:
             for p in plans.itertuples(index=False)]
 
 
-def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBackend,
+def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, qa_id: str, question: str) -> tuple:
+    asked = [plan.facts[i] for i in res.order]
+    original = json.dumps([{"q": f.source_question, "a": f.source_answer} for f in asked], ensure_ascii=False)
+    return (qa_id, plan.source, plan.img_id, label, plan.complexity, question, res.answer, original,
+            [f.question_class for f in asked], backend.name, backend.version, res.prompt_hash)
+
+
+def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBackend, checker: GroundingChecker,
                   batch_size: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Run the backend over all plans in batches; return (qa rows, quarantined plans)."""
+    """Realise, ground-check and review all plans in batches; return (qa rows, quarantined plans)."""
     labels = dict(zip(zip(facts["source"], facts["img_id"]), facts["source_label"]))
     inputs = plan_inputs(plans, facts)
     rows, rejected = [], []
+
+    def reject(plan: PlanInput, res: Rejected) -> None:
+        rejected.append({"stage": STAGE, "source": plan.source, "key": plan.plan_id,
+                         "reason": res.reason, "detail": res.detail, "raw": res.raw})
+
     with tqdm(total=len(inputs), desc=f"realize ({backend.name})", unit="plan", mininterval=1.0,
               disable=len(inputs) < 5000) as bar:
         for start in range(0, len(inputs), batch_size):
@@ -67,18 +101,25 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
             results = backend.realize(batch)
             if len(results) != len(batch):
                 raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(batch)}")
+            grounded = []
             for plan, res in zip(batch, results):
                 if isinstance(res, Realized):
-                    asked = [plan.facts[i] for i in res.order]
-                    rows.append((
-                        plan.plan_id, plan.source, plan.img_id, labels[(plan.source, plan.img_id)],
-                        plan.complexity, res.question, res.answer,
-                        json.dumps([{"q": f.source_question, "a": f.source_answer} for f in asked],
-                                   ensure_ascii=False),
-                        [f.question_class for f in asked], backend.name, backend.version,
-                    ))
-                else:
-                    rejected.append({"stage": STAGE, "source": plan.source, "key": plan.plan_id,
-                                     "reason": res.reason, "detail": res.detail, "raw": res.raw})
+                    violation = checker.check(res.question, res.answer, plan.facts)
+                    if violation is None:
+                        grounded.append((plan, res))
+                        continue
+                    res = Rejected(plan.plan_id, violation.reason, violation.detail,
+                                   json.dumps({"question": res.question, "answer": res.answer}))
+                reject(plan, res)
+            for (plan, _), res in zip(grounded, backend.review(grounded)):
+                if isinstance(res, Rejected):
+                    reject(plan, res)
+                    continue
+                label = labels[(plan.source, plan.img_id)]
+                rows.append(_row(plan, res, label, backend, plan.plan_id, res.question))
+                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", q)
+                         for i, q in enumerate(res.variants, 1)]
             bar.update(len(batch))
-    return pd.DataFrame(rows, columns=QA_COLUMNS), quarantine_frame(rejected)
+    qa = pd.DataFrame(rows, columns=QA_COLUMNS)
+    quarantine = quarantine_frame(rejected)
+    return qa, quarantine.sort_values("key", kind="stable").reset_index(drop=True)

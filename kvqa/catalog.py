@@ -45,6 +45,12 @@ class ValueSpec(BaseModel):
     synonyms: list[str] = Field(default_factory=list)
 
 
+class PolarityCue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str
+    affirmative: str
+
+
 class QuestionClass(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -52,6 +58,9 @@ class QuestionClass(BaseModel):
     answer_type: AnswerType
     values: dict[str, ValueSpec] = Field(default_factory=dict)
     noun: list[str] | None = None
+    question_cues: list[list[str]] = Field(min_length=1)
+    polarity_cues: list[PolarityCue] = Field(default_factory=list)
+    value_phrases: dict[str, list[str]] = Field(default_factory=dict)
     questions: list[str] = Field(min_length=1)
     answers: dict[str, list[str]]
 
@@ -67,6 +76,12 @@ class QuestionClass(BaseModel):
             raise ValueError(f"class {self.name!r}: answer templates missing for {sorted(missing)}")
         if self.answer_type != AnswerType.count and not self.values:
             raise ValueError(f"class {self.name!r}: a {self.answer_type} class needs a vocabulary")
+        if self.answer_type == AnswerType.yes_no:
+            stated = {c.affirmative for c in self.polarity_cues} | set(self.value_phrases)
+            if not self.polarity_cues or not stated <= set(self.values):
+                raise ValueError(f"class {self.name!r}: a yes_no class needs polarity_cues over its values")
+        if self.answer_type == AnswerType.count and not self.noun:
+            raise ValueError(f"class {self.name!r}: a count class needs its noun [singular, plural]")
         empty = [k for k, v in self.answers.items() if not v]
         if empty:
             raise ValueError(f"class {self.name!r}: empty answer template lists {empty}")

@@ -57,8 +57,36 @@ class PlanConfig(_Strict):
         return dict(sorted(v.items()))
 
 
+class LLMConfig(_Strict):
+    """LLM settings shared by the `openai`, `batch` and `vllm` backends.
+
+    The API key is read from the environment variable named by `api_key_env` when a request is sent; it
+    is never part of the config, the cache key, a log line or an output file.
+    """
+
+    model: str = "Qwen/Qwen3-8B"
+    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 for `vllm serve`; None = OpenAI
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = Field(default=64, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    max_retries: int = Field(default=6, ge=0)
+    backoff_base_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=30.0, ge=0)
+    temperature: float = Field(default=0.7, ge=0)
+    max_tokens: int = Field(default=256, gt=0)
+    max_repairs: int = Field(default=1, ge=0)
+    verify: bool = False  # an LLM judge on top of the rule-based grounding check
+    naturalize_variants: int = Field(default=0, ge=0)  # extra paraphrases per accepted question
+    extra_body: dict = Field(default_factory=dict)  # server-specific fields, e.g. chat_template_kwargs
+    cache_dir: Path | None = None  # default: <output_root>/llm-cache, shared by all runs
+    batch_dir: Path | None = None  # `batch`: where request JSONL files are written (default: run folder)
+    batch_results: list[Path] = Field(default_factory=list)  # `batch`: result JSONL files to ingest
+    vllm_engine: dict = Field(default_factory=dict)  # `vllm`: LLM(...) keyword arguments
+
+
 class GenerateConfig(_Strict):
-    backend: Literal["template"] = "template"
+    backend: Literal["template", "openai", "batch", "vllm"] = "template"
+    llm: LLMConfig = LLMConfig()
 
 
 class SplitConfig(_Strict):
@@ -115,6 +143,12 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
         for key in ("metadata_csv", "image_dir"):
             src[key] = _resolve(src.get(key), base)
     data["catalog"] = _resolve(data.get("catalog"), base) or str(DEFAULT_CATALOG_PATH)
+    llm = data.get("generate", {}).get("llm", {})
+    for key in ("cache_dir", "batch_dir"):
+        if llm.get(key):
+            llm[key] = _resolve(llm[key], base)
+    if llm.get("batch_results"):
+        llm["batch_results"] = [_resolve(p, base) for p in llm["batch_results"]]
     if "output_root" in data:
         data["output_root"] = _resolve(data["output_root"], base)
     else:

@@ -36,8 +36,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; published files should be readable
         os.replace(tmp_path, path)
-    finally:
+    except BaseException:
         tmp_path.unlink(missing_ok=True)
+        raise
 
 
 def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:

@@ -122,6 +122,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
             ["qa_id", "stable id of the pair"], ["source", "source dataset name"],
             ["source_label", "image category in its source"],
             ["generator", "realizer backend"], ["generator_version", "template/prompt version and hash"],
+            ["prompt_hash", "hash of the rendered prompt (LLM backends)"],
         ]), "",
         "## Configuration used", "", "```yaml", config_yaml.strip(), "```", "",
         "## Citation", "", "```bibtex", CITATION, "```", "",

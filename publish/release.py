@@ -21,7 +21,7 @@ from kvqa.config import PublishConfig
 from kvqa.tables import atomic_path, file_digest
 
 RELEASE_COLUMNS = ["img_id", "complexity", "question", "answer", "original", "question_class", "image",
-                   "qa_id", "source", "source_label", "generator", "generator_version"]
+                   "qa_id", "source", "source_label", "generator", "generator_version", "prompt_hash"]
 RELEASE_FEATURES = Features({
     "img_id": Value("string"),
     "complexity": Value("int32"),
@@ -35,6 +35,7 @@ RELEASE_FEATURES = Features({
     "source_label": Value("string"),
     "generator": Value("string"),
     "generator_version": Value("string"),
+    "prompt_hash": Value("string"),
 })
 SPLITS = ("train", "test")
 

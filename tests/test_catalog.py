@@ -48,6 +48,7 @@ def test_new_class_is_a_catalog_edit(tmp_path, catalog):
             "source_questions": ["What is the Boston Bowel Preparation Scale score?"],
             "answer_type": "single_choice",
             "values": {"bbps 0-1": {}, "bbps 2-3": {}},
+            "question_cues": [["bbps", "boston", "bowel preparation"]],
             "questions": ["What is the BBPS score?"],
             "answers": {"value": ["bowel preparation scored {value}"]},
         }

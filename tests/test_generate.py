@@ -9,7 +9,7 @@ from math import comb
 import pandas as pd
 import pytest
 
-from generate import PlanFact, PlanInput, Realized, TemplateRealizer, compose_plans, realize_plans
+from generate import GroundingChecker, PlanFact, PlanInput, Realized, TemplateRealizer, compose_plans, realize_plans
 from generate.template import compose_question, number_word
 from kvqa.config import KvasirVQASource, PlanConfig
 from sources import read_sources
@@ -56,7 +56,7 @@ def test_plans_are_seeded_per_image_not_by_order(real_facts):
 
 def test_template_answers_state_every_fact(real_facts, catalog):
     plans = compose_plans(real_facts, PlanConfig(), seed=42)
-    qa, rejected = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42))
+    qa, rejected = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42), GroundingChecker(catalog))
     assert len(qa) + len(rejected) == len(plans) and len(rejected) == 0
     for row in qa.itertuples():
         original = json.loads(row.original)
@@ -80,8 +80,8 @@ def test_template_answers_state_every_fact(real_facts, catalog):
 
 def test_realizer_is_deterministic_and_varied(real_facts, catalog):
     plans = compose_plans(real_facts, PlanConfig(), seed=42)
-    a, _ = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42))
-    b, _ = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42))
+    a, _ = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42), GroundingChecker(catalog))
+    b, _ = realize_plans(plans, real_facts, TemplateRealizer(catalog, 42), GroundingChecker(catalog))
     pd.testing.assert_frame_equal(a, b)
     level1 = a[a.complexity == 1]
     # Several phrasings per class are used, not one fixed template.

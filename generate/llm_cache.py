@@ -1,0 +1,76 @@
+"""A request-level cache on disk: nothing is paid for twice.
+
+The key is a hash of everything that determines a reply: model, messages, sampling parameters (with the
+per-item seed) and response schema. Entries live in append-only segment files, one per writing process
+(`seg-<pid>-<random>.jsonl`), one JSON line per reply, flushed as each reply arrives: a process killed
+half way keeps every reply it received, and a torn last line (killed mid-write) fails to parse and is simply
+requested again. Readers load every segment; writers never touch another process's segment, so concurrent
+runs sharing the folder are safe. A line per reply costs one write; a file per reply (temp + rename) cost
+four file-system calls, which on this machine was 1.5 ms of CPU per request and capped the client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import uuid
+from pathlib import Path
+
+
+def request_key(model: str, messages: list[dict], params: dict, schema: dict | None) -> str:
+    payload = {"model": model, "messages": messages, "params": params, "schema": schema}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class RequestCache:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.hits = 0
+        self.misses = 0
+        self.torn_lines = 0
+        self._index: dict[str, dict] | None = None
+        self._segment = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, dict]:
+        if self._index is None:
+            self._index = {}
+            for seg in sorted(self.folder.glob("seg-*.jsonl")):
+                with open(seg) as f:
+                    for line in f:
+                        try:
+                            entry = json.loads(line)
+                            self._index[entry["k"]] = entry["v"]
+                        except (json.JSONDecodeError, KeyError, TypeError):
+                            self.torn_lines += 1
+        return self._index
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def get(self, key: str) -> dict | None:
+        value = self._load().get(key)
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: str, value: dict) -> None:
+        line = json.dumps({"k": key, "v": value}, sort_keys=True, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._segment is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                name = f"seg-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl"
+                self._segment = open(self.folder / name, "a", encoding="utf-8")
+            self._segment.write(line)
+            self._segment.flush()
+            self._load()[key] = value
+
+    def close(self) -> None:
+        with self._lock:
+            if self._segment is not None:
+                self._segment.close()
+                self._segment = None

@@ -1,0 +1,204 @@
+"""A loopback OpenAI-compatible chat server for tests and benchmarks (POST /v1/chat/completions).
+
+It answers deterministically from the facts in the prompt, like a competent model would: the compose
+prompt's facts are parsed back and realised with the project's template phrasings, the judge says
+"consistent", paraphrases are the catalog's other phrasings. Faults are injected on request, by a
+`chooser(messages, attempt) -> fault | None` the test provides (`attempt` counts earlier requests with
+the same messages):
+
+    429        HTTP 429 with `Retry-After: 1`          500          HTTP 500
+    hang       sleep `hang_s` before answering           invalid_json content that is not JSON
+    missing    JSON without the `answer` field          refusal      message.refusal set, no content
+    contradict an answer whose first fact is flipped     judge_no     the judge says inconsistent
+
+Run alone for benchmarks: `python tests/openai_standin.py --latency 0.1` serves the same answers from
+one asyncio thread and prints its URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from generate.backends import PlanFact, PlanInput  # noqa: E402
+from generate.template import TemplateRealizer  # noqa: E402
+from kvqa.catalog import load_catalog  # noqa: E402
+from sources.kvasir_vqa import parse_answer  # noqa: E402
+
+FLIP = {"yes": "no", "no": "yes", "not relevant": "yes"}
+
+
+class OpenAIStandIn:
+    def __init__(self, latency_s: float = 0.0, hang_s: float = 2.0,
+                 chooser: Callable[[list[dict], int], str | None] | None = None):
+        self.catalog = load_catalog()
+        self.realizer = TemplateRealizer(self.catalog, seed=7)
+        self.latency_s, self.hang_s = latency_s, hang_s
+        self.chooser = chooser or (lambda messages, attempt: None)
+        self.attempts: Counter = Counter()
+        self.log: list[tuple[float, str, str | None]] = []  # (time, schema name, fault)
+        self.lock = threading.Lock()
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers
+
+            def log_message(self, *args):
+                pass
+
+            def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                             **(headers or {})}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                code, obj, headers = hub.respond(req)
+                self._send(code, obj, headers)
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256  # the default backlog of 5 resets connections under concurrency
+
+            def handle_error(self, request, client_address):
+                # A client that timed out on a "hang" closed its socket: expected, not a server error.
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "OpenAIStandIn":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def requests(self) -> int:
+        return len(self.log)
+
+    # -- answering -------------------------------------------------------------------------------
+    def respond(self, req: dict, sleep: bool = True) -> tuple[int, dict, dict]:
+        messages = req["messages"]
+        name = req.get("response_format", {}).get("json_schema", {}).get("name", "")
+        key = json.dumps([messages, req.get("seed")], sort_keys=True)  # one conversation of one item
+        with self.lock:
+            attempt = self.attempts[key]
+            self.attempts[key] += 1
+        fault = self.chooser(messages, attempt)
+        with self.lock:
+            self.log.append((time.monotonic(), name, fault))
+        if self.latency_s and sleep:
+            time.sleep(self.latency_s)
+        if fault == "429":
+            return 429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"}
+        if fault == "500":
+            return 500, {"error": {"message": "server error"}}, {}
+        if fault == "hang":
+            time.sleep(self.hang_s)
+        content, refusal = self._content(name, messages, fault), None
+        if fault == "refusal":
+            content, refusal = None, "I cannot help with medical images."
+        usage = {"prompt_tokens": sum(len(m["content"].split()) for m in messages),
+                 "completion_tokens": len((content or "").split())}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return 200, {"id": "chatcmpl-standin", "object": "chat.completion", "created": 0,
+                     "model": req.get("model", "standin"),
+                     "choices": [{"index": 0, "finish_reason": "stop",
+                                  "message": {"role": "assistant", "content": content, "refusal": refusal}}],
+                     "usage": usage}, {}
+
+    def _facts(self, text: str) -> list[PlanFact]:
+        raw = json.loads(re.search(r"(\[\s*\{.*?\}\s*\])", text, re.S).group(1))
+        facts = []
+        for f in raw:
+            qc = self.catalog.classes[f["class"]]
+            facts.append(PlanFact("f", qc.name, str(qc.answer_type), parse_answer(qc, f["answer"]),
+                                  f["question"], f["answer"]))
+        return facts
+
+    def _content(self, name: str, messages: list[dict], fault: str | None) -> str:
+        user = messages[1]["content"]
+        if fault == "invalid_json":
+            return "Sure! Here is the JSON: {question: oops"
+        if name == "compose":
+            facts = self._facts(user)
+            if fault == "contradict":
+                f = facts[0]
+                vocab = [v for v in self.catalog.classes[f.question_class].values if v not in f.values]
+                values = ((FLIP.get(f.values[0], "yes"),) if f.answer_type == "yes_no"
+                          else (str(int(f.values[0]) + 1),) if f.answer_type == "count"
+                          else ("none",) if "none" in vocab else (vocab[0],))
+                facts[0] = PlanFact(f.fact_id, f.question_class, f.answer_type, values, f.source_question,
+                                    f.source_answer)
+            res = self.realizer.realize_one(PlanInput("p", "s", "i", len(facts), tuple(facts)))
+            reply = {"question": res.question, "answer": res.answer}
+            if fault == "missing":
+                reply.pop("answer")
+            return json.dumps(reply)
+        if name == "verify":
+            return json.dumps({"consistent": fault != "judge_no", "reason": "checked against the facts"})
+        if name == "naturalize":
+            question = re.search(r"Question: (.*)\n", user).group(1)
+            n = int(re.search(r"Write (\d+) different", user).group(1))
+            return json.dumps({"paraphrases": [f"Looking at this frame: {question[0].lower()}{question[1:]}",
+                                               f"In this endoscopy image, {question[0].lower()}{question[1:]}",
+                                               "What is shown?"][:n]})
+        return json.dumps({})
+
+
+async def serve_asyncio(standin: OpenAIStandIn, latency_s: float) -> None:
+    """The same answers from one asyncio thread: for benchmarks, where 64 server threads fighting over
+    the GIL on a 2-core machine would measure the stand-in instead of the client."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+                req = json.loads(await reader.readexactly(length))
+                await asyncio.sleep(latency_s)
+                code, obj, headers = standin.respond(req, sleep=False)
+                body = json.dumps(obj).encode()
+                extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                writer.write(f"HTTP/1.1 {code} OK\r\nContent-Type: application/json\r\n"
+                             f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionResetError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
+    print(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--latency", type=float, default=0.0)
+    args = ap.parse_args()
+    try:
+        asyncio.run(serve_asyncio(OpenAIStandIn(), args.latency))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,271 @@
+"""LLM generation through the real `openai` client against a loopback OpenAI-compatible stand-in."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from generate import GroundingChecker, PlanFact, compose_plans, make_backend, realize_plans
+from generate.batch_backend import BatchPending, read_results
+from generate.llm import ChatRequest, facts_json
+from generate.llm_cache import RequestCache
+from generate.prompts import messages_digest
+from generate.realize import plan_inputs
+from generate.vllm_backend import VLLMTransport, VLLMUnavailable, replies_from_outputs, sampling_kwargs
+from kvqa.config import GenerateConfig, KvasirVQASource, LLMConfig, PlanConfig
+from kvqa.tables import stable_hash
+from openai_standin import OpenAIStandIn
+from sources import read_sources
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "sk-kvqa-test-key-never-logged"
+
+
+@pytest.fixture(scope="module")
+def small(real_csv, catalog):
+    """Facts of 12 real images and their plans (~230 plans of levels 1-3)."""
+    facts = read_sources([KvasirVQASource(metadata_csv=real_csv, image_dir=real_csv.parent)], catalog).facts
+    facts = facts[facts.img_id.isin(sorted(facts.img_id.unique())[100:112])].reset_index(drop=True)
+    return facts, compose_plans(facts, PlanConfig(), seed=42)
+
+
+def llm_config(url: str, cache: Path, **kw) -> GenerateConfig:
+    base = dict(base_url=url, cache_dir=cache, concurrency=8, timeout_s=0.5, max_retries=3,
+                backoff_base_s=0.01, api_key_env="KVQA_TEST_KEY")
+    return GenerateConfig(backend="openai", llm=LLMConfig(**{**base, **kw}))
+
+
+def run(cfg: GenerateConfig, small, catalog):
+    facts, plans = small
+    backend = make_backend(cfg, catalog, seed=42)
+    qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
+    return qa, rejected, backend
+
+
+def test_all_plans_realised_then_rerun_is_free(small, catalog, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVQA_TEST_KEY", SECRET)
+    with OpenAIStandIn() as standin:
+        qa, rejected, backend = run(llm_config(standin.url, tmp_path / "cache"), small, catalog)
+        first = standin.requests
+        qa2, _, backend2 = run(llm_config(standin.url, tmp_path / "cache"), small, catalog)
+        assert standin.requests == first  # the re-run issued zero requests
+    plans = small[1]
+    assert len(qa) == len(plans) and rejected.empty and first == len(plans)
+    assert backend.usage["compose"]["requests"] == len(plans) and backend.usage["compose"]["completion_tokens"] > 0
+    assert backend2.usage["compose"] == {"requests": 0, "cached": len(plans), "prompt_tokens": 0,
+                                         "completion_tokens": 0, "repairs": 0}
+    pd.testing.assert_frame_equal(qa, qa2)
+    assert set(qa.generator) == {"openai:Qwen/Qwen3-8B"} and qa.generator_version.str.startswith("compose-v1+").all()
+    # The row's prompt hash is the hash of the conversation that produced it.
+    row = qa.iloc[0]
+    plan = next(p for p in plan_inputs(plans, small[0]) if p.plan_id == row.qa_id)
+    conv = backend.compose.render(facts=facts_json(plan), k=plan.complexity)
+    assert row.prompt_hash == messages_digest(conv)[:16]
+    assert not any(SECRET in p.read_text() for p in (tmp_path / "cache").rglob("*"))
+
+
+FAULTS = ["429", "500", "hang", "invalid_json", "missing", "refusal", "contradict", "always_invalid"]
+
+
+def fault_of(messages: list[dict]) -> str | None:
+    """Every 9th plan is healthy; the others get one fault each, chosen by the prompt's hash."""
+    k = int(stable_hash(messages[1]["content"])[:8], 16) % (len(FAULTS) + 1)
+    return FAULTS[k] if k < len(FAULTS) else None
+
+
+def chooser(messages: list[dict], attempt: int) -> str | None:
+    fault = fault_of(messages[:2])
+    if fault == "always_invalid":
+        return "invalid_json"
+    if len(messages) > 2 or attempt > 0:  # a repair turn or a retry: transient faults are gone
+        return fault if fault in ("refusal", "contradict") else None
+    return fault
+
+
+def test_faults_are_retried_repaired_or_rejected_and_counts_reconcile(small, catalog, tmp_path):
+    facts, plans = small
+    with OpenAIStandIn(hang_s=1.5, chooser=chooser) as standin:
+        qa, rejected, backend = run(llm_config(standin.url, tmp_path / "cache"), small, catalog)
+        log = list(standin.log)
+    assert len(qa) + len(rejected) == len(plans)
+    reasons = dict(zip(rejected.key, rejected.reason))
+    convs = {p.plan_id: backend.compose.render(facts=facts_json(p), k=p.complexity)
+             for p in plan_inputs(plans, facts)}
+    expected = {"refusal": "refusal", "contradict": "answer_contradicts_labels", "always_invalid": "invalid_reply"}
+    seen = set()
+    for plan_id, conv in convs.items():
+        fault = fault_of(conv)
+        seen.add(fault)
+        assert reasons.get(plan_id) == expected.get(fault), (fault, reasons.get(plan_id))
+    assert seen >= set(FAULTS)
+    # The malformed replies were repaired once; the always-invalid ones kept their raw reply.
+    assert backend.usage["compose"]["repairs"] > 0
+    assert rejected[rejected.reason == "invalid_reply"].raw.str.contains("oops").all()
+    assert rejected[rejected.reason == "answer_contradicts_labels"].detail.str.len().gt(0).all()
+    # 429s were retried no sooner than their Retry-After (1 s).
+    transient = sum(1 for f in map(fault_of, convs.values()) if f in ("429", "500", "hang"))
+    assert backend.client.transport.retries >= transient
+    times_429 = [t for t, name, f in log if f == "429"]
+    assert times_429 and max(t for t, _, _ in log) - min(times_429) >= 1.0
+
+
+def test_grounding_catches_contradictions(catalog):
+    checker = GroundingChecker(catalog)
+
+    def fact(cls: str, *values: str) -> PlanFact:
+        return PlanFact("f", cls, str(catalog.classes[cls].answer_type), values, "q", "a")
+
+    removal_yes = [fact("polyp_removal_status", "yes")]
+    q_removed = "Have all polyps been removed?"
+    assert checker.check(q_removed, "No polyps remain.", removal_yes) is None
+    assert checker.check(q_removed, "All polyps were resected.", removal_yes) is None
+    assert checker.check(q_removed, "Polyps remain in view.", removal_yes).reason == "answer_contradicts_labels"
+    assert checker.check(q_removed, "Not all polyps have been removed.", removal_yes) is not None
+    count2 = [fact("polyp_count", "2")]
+    assert checker.check("How many polyps are there?", "Two polyps are visible.", count2) is None
+    assert checker.check("How many polyps are there?", "There are 2 sessile polyps.", count2) is None
+    assert checker.check("How many polyps are there?", "No polyps are visible.", count2) is not None
+    assert checker.check("How many polyps are there?", "Three polyps are seen.", count2) is not None
+    colour = [fact("abnormality_color", "pink", "red")]
+    q_colour = "What colour is the abnormality?"
+    assert checker.check(q_colour, "The abnormality is pink and red.", colour) is None
+    assert checker.check(q_colour, "The abnormality is pink.", colour) is not None          # red missing
+    assert checker.check(q_colour, "The abnormality is pink, red and yellow.", colour) is not None
+    loc = [fact("instrument_location", "center", "upper-center")]
+    q_loc = "Where is the instrument?"
+    assert checker.check(q_loc, "In the centre and upper-centre regions.", loc) is None
+    assert checker.check(q_loc, "In the upper-center region.", loc) is not None             # center missing
+    assert checker.check(q_loc, "In the center, upper-center and lower-left areas.", loc) is not None
+    text_no = [fact("text_presence", "no")]
+    assert checker.check("Is there any text?", "There is no text in the frame.", text_no) is None
+    assert checker.check("Is there any text?", "Text is visible.", text_no) is not None
+    two = [fact("text_presence", "no"), fact("polyp_count", "2")]
+    assert checker.check("Is there text?", "No text, two polyps.", two).reason == "question_misses_class"
+
+
+def test_every_catalog_phrasing_covers_its_class(catalog):
+    checker = GroundingChecker(catalog)
+    for qc in catalog.classes.values():
+        fact = PlanFact("f", qc.name, str(qc.answer_type), ("0",), "q", "a")
+        for q in qc.questions + qc.source_questions:
+            assert checker.check_question(q, [fact]) is None, (qc.name, q)
+
+
+def test_judge_and_paraphrases(small, catalog, tmp_path):
+    def judge(messages, attempt):
+        return "judge_no" if messages[1]["content"].count('"class"') == 3 else None
+    with OpenAIStandIn(chooser=judge) as standin:
+        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "c", verify=True, naturalize_variants=3),
+                              small, catalog)
+    plans = small[1]
+    level3 = set(plans[plans.complexity == 3].plan_id)
+    assert set(rejected.key) == level3 and set(rejected.reason) == {"judge_rejected"}
+    base = qa[~qa.qa_id.str.contains("-p")]
+    variants = qa[qa.qa_id.str.contains("-p")]
+    assert len(base) + len(rejected) == len(plans)
+    # The stand-in offers three paraphrases; "What is shown?" covers no class and is dropped.
+    assert len(variants) == 2 * len(base) and not variants.question.eq("What is shown?").any()
+    assert (variants.merge(base, left_on=variants.qa_id.str[:16], right_on="qa_id").answer_x
+            == variants.merge(base, left_on=variants.qa_id.str[:16], right_on="qa_id").answer_y).all()
+
+
+def test_batch_backend_round_trip(small, catalog, tmp_path):
+    facts, plans = small
+    llm = dict(cache_dir=tmp_path / "cache", batch_dir=tmp_path / "batch")
+    cfg = GenerateConfig(backend="batch", llm=LLMConfig(**llm))
+    with pytest.raises(BatchPending) as pending:
+        realize_plans(plans, facts, make_backend(cfg, catalog, 42), GroundingChecker(catalog))
+    lines = [json.loads(x) for x in pending.value.path.read_text().splitlines()]
+    assert len(lines) == len(plans) and {x["url"] for x in lines} == {"/v1/chat/completions"}
+    assert lines[0]["body"]["response_format"]["json_schema"]["name"] == "compose"
+    # Answer the file as `vllm run_batch` / the Batch API would, through the stand-in's logic.
+    standin = OpenAIStandIn()
+    results = tmp_path / "results.jsonl"
+    with open(results, "w") as f:
+        for x in lines:
+            code, body, _ = standin.respond(x["body"])
+            f.write(json.dumps({"id": "r", "custom_id": x["custom_id"], "error": None,
+                                "response": {"status_code": code, "request_id": "q", "body": body}}) + "\n")
+    standin.server.server_close()
+    assert len(read_results([results])) == len(plans)
+    cfg = GenerateConfig(backend="batch", llm=LLMConfig(**llm, batch_results=[results]))
+    qa, rejected = realize_plans(plans, facts, make_backend(cfg, catalog, 42), GroundingChecker(catalog))
+    assert len(qa) == len(plans) and rejected.empty
+
+
+def test_vllm_requests_and_replies_without_vllm():
+    req = ChatRequest("k", [{"role": "user", "content": "hi"}], "compose", {"type": "object"},
+                      {"temperature": 0.7, "max_tokens": 64, "seed": 5})
+    assert sampling_kwargs(req) == {"temperature": 0.7, "max_tokens": 64, "seed": 5,
+                                    "structured_outputs": {"json": {"type": "object"}}}
+
+    class Out:  # the shape of vllm.RequestOutput
+        prompt_token_ids = [1, 2, 3]
+
+        class outputs_0:
+            text, finish_reason, token_ids = '{"question": "q?", "answer": "a"}', "stop", [7, 8]
+        outputs = [outputs_0]
+
+    (reply,) = replies_from_outputs([Out])
+    assert (reply.content, reply.prompt_tokens, reply.completion_tokens) == (Out.outputs_0.text, 3, 2)
+    with pytest.raises(VLLMUnavailable, match="kvqa\\[vllm\\]|CUDA"):
+        VLLMTransport(LLMConfig()).complete([req], "compose", lambda *a: None)
+
+
+def test_killed_run_pays_only_for_missing_requests(small, catalog, tmp_path):
+    """SIGKILL a client half way; the re-run sends exactly the requests whose replies were not cached."""
+    facts, plans = small
+    facts.to_parquet(tmp_path / "facts.parquet")
+    plans.to_parquet(tmp_path / "plans.parquet")
+    slow_after = 60
+
+    def slow(messages, attempt):
+        return "hang" if standin.requests > slow_after else None
+    with OpenAIStandIn(hang_s=30, chooser=slow) as standin:
+        script = (
+            "import sys, pandas as pd; sys.path.insert(0, %r)\n"
+            "from kvqa.catalog import load_catalog; from kvqa.config import GenerateConfig, LLMConfig\n"
+            "from generate import GroundingChecker, make_backend, realize_plans\n"
+            "c = load_catalog(); f = pd.read_parquet(%r); p = pd.read_parquet(%r)\n"
+            "cfg = GenerateConfig(backend='openai', llm=LLMConfig(base_url=%r, cache_dir=%r, concurrency=4, timeout_s=60))\n"
+            "realize_plans(p, f, make_backend(cfg, c, 42), GroundingChecker(c))\n"
+        ) % (str(ROOT), str(tmp_path / "facts.parquet"), str(tmp_path / "plans.parquet"), standin.url,
+             str(tmp_path / "cache"))
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while standin.requests <= slow_after + 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    cached = len(RequestCache(tmp_path / "cache"))
+    assert 0 < cached < len(plans)
+    with OpenAIStandIn() as standin:
+        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "cache"), small, catalog)
+        assert standin.requests == len(plans) - cached
+    assert len(qa) == len(plans)
+
+
+def test_release_flow_with_the_openai_backend(tmp_path):
+    """The real CLI and flow on the embedded sample, generating through the stand-in; a re-run is free."""
+    from conftest import SAMPLE_DIR, run_cli, write_config
+
+    with OpenAIStandIn() as standin:
+        cfg = write_config(tmp_path / "llm.yaml", SAMPLE_DIR / "metadata.csv", SAMPLE_DIR / "images",
+                           run_name="llm", generate={"backend": "openai", "llm": {
+                               "base_url": standin.url, "cache_dir": str(tmp_path / "cache"), "concurrency": 16}})
+        run_cli("build", "--config", str(cfg))
+        sent = standin.requests
+        report = json.loads((tmp_path / "runs" / "llm" / "report.json").read_text())
+        assert report["generate"]["llm_usage"]["compose"]["requests"] == sent == report["plans"]["plans"]
+        # A fresh run folder re-uses the shared request cache: zero requests.
+        run_cli("build", "--config", str(cfg), "--output-root", str(tmp_path / "again"))
+        assert standin.requests == sent
+    qa = pd.read_parquet(tmp_path / "runs" / "llm" / "stages" / "qa.parquet")
+    assert set(qa.generator) == {"openai:Qwen/Qwen3-8B"} and len(qa) == report["plans"]["plans"]
