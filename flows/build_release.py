@@ -256,8 +256,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     report["quarantine"] = {"total": len(quarantine),
                             "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
                                                 quarantine.groupby(["stage", "reason"]).size().items()}}
-    write_json(report, run_dir / "report.json")
+    write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
     rows = report["release"]["rows"]
     log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
              sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))
-    return report
+    return {**report, "run_dir": str(run_dir), "release_dir": str(run_dir / "release")}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -33,8 +32,24 @@ def build(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=T
     from flows.build_release import build_release
 
     report = build_release(str(config) if config else None, str(output_root) if output_root else None)
-    typer.echo(json.dumps({k: report[k] for k in ("run_name", "release", "quarantine")}, indent=2,
-                          default=str)[:4000])
+    typer.echo(summarise(report))
+
+
+def summarise(report: dict) -> str:
+    """What a person wants after a build: where the release is and what went in, out and why."""
+    s, g, d = report["sources"], report["generate"], report["dedup"]
+    rows = report["release"]["rows"]
+    lines = [f"run {report['run_name']}: release in {report['release_dir']}",
+             f"  label rows {s['rows_read']:,} -> facts {s['facts']:,} ({s['quarantined']:,} rows quarantined)",
+             f"  plans {report['plans']['plans']:,} -> QA {g['qa']:,} ({g['rejected']:,} rejected)"
+             + (f" -> after dedup {d['rows_kept']:,} ({d['rows_removed']:,} duplicates)" if "rows_kept" in d else ""),
+             f"  images {report['images']['usable']:,} usable, {report['images']['quarantined']:,} quarantined",
+             "  release rows: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())]
+    if report["quarantine"]["total"]:
+        lines.append("  quarantined: " + ", ".join(f"{k} {v:,}" for k, v in
+                                                    report["quarantine"]["by_stage_reason"].items())
+                     + f" (see {report['run_dir']}/quarantine.parquet)")
+    return "\n".join(lines)
 
 
 @app.command()
