@@ -179,8 +179,6 @@ def facts_json(plan: PlanInput) -> str:
 class LLMRealizer:
     """Compose with an LLM; judge and paraphrase in `review` when the config asks for it."""
 
-    name = "llm"
-
     def __init__(self, client: LLMClient, checker: GroundingChecker):
         self.client = client
         self.checker = checker

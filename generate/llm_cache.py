@@ -29,7 +29,6 @@ class RequestCache:
         self.folder = Path(folder)
         self.hits = 0
         self.misses = 0
-        self.torn_lines = 0
         self._index: dict[str, dict] | None = None
         self._segment = None
         self._lock = threading.Lock()
@@ -44,7 +43,7 @@ class RequestCache:
                             entry = json.loads(line)
                             self._index[entry["k"]] = entry["v"]
                         except (json.JSONDecodeError, KeyError, TypeError):
-                            self.torn_lines += 1
+                            continue  # a torn last line of a killed writer: requested again
         return self._index
 
     def __len__(self) -> int:
@@ -68,9 +67,3 @@ class RequestCache:
             self._segment.write(line)
             self._segment.flush()
             self._load()[key] = value
-
-    def close(self) -> None:
-        with self._lock:
-            if self._segment is not None:
-                self._segment.close()
-                self._segment = None
