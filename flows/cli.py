@@ -29,10 +29,31 @@ def build(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=T
     """Build a Hub-ready release folder from source labels and images."""
     _logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from flows.build_release import build_release
+    from pydantic import ValidationError
 
-    report = build_release(str(config) if config else None, str(output_root) if output_root else None)
+    from flows.build_release import build_release
+    from generate.batch_backend import BatchPending
+    from kvqa.config import load_config
+
+    overrides = {"output_root": str(output_root)} if output_root else None
+    try:  # a bad config or a missing input is reported before Prefect starts, in one readable line
+        cfg = load_config(config, overrides)
+    except (ValidationError, ValueError) as err:
+        fail(f"invalid config {config or '(embedded sample)'}:\n{err}")
+    missing = [str(p) for s in cfg.sources for p in (s.metadata_csv, s.image_dir) if not p.exists()]
+    if missing:
+        fail(f"input not found: {', '.join(missing)}")
+    try:
+        report = build_release(str(config) if config else None, str(output_root) if output_root else None)
+    except BatchPending as pending:
+        typer.echo(f"waiting for batch results: {pending}", err=True)
+        raise typer.Exit(3)
     typer.echo(summarise(report))
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
 
 
 def summarise(report: dict) -> str:

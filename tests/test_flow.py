@@ -109,3 +109,14 @@ def test_bad_input_is_quarantined_and_counts_reconcile(tmp_path):
     assert len(qa) == sum(report["release"]["rows"].values()) + len(lost)
     ds = load_release(run / "release", tmp_path / "hf-cache")
     assert not {corrupt, missing} & (set(ds["train"]["img_id"]) | set(ds["test"]["img_id"]))
+
+
+def test_bad_config_and_missing_inputs_are_one_line_errors(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "nope.csv", tmp_path / "nope", run_name="x",
+                       plans={"level_ratios": {4: 1.0}})
+    proc = run_cli("build", "--config", str(cfg), check=False)
+    assert proc.returncode == 2 and "level_ratios keys must be 2 or 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "nope.csv", tmp_path / "nope", run_name="x")
+    proc = run_cli("build", "--config", str(cfg), check=False)
+    assert proc.returncode == 2 and f"input not found: {tmp_path / 'nope.csv'}" in proc.stderr

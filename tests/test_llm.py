@@ -269,3 +269,14 @@ def test_release_flow_with_the_openai_backend(tmp_path):
         assert standin.requests == sent
     qa = pd.read_parquet(tmp_path / "runs" / "llm" / "stages" / "qa.parquet")
     assert set(qa.generator) == {"openai:Qwen/Qwen3-8B"} and len(qa) == report["plans"]["plans"]
+
+
+def test_cli_batch_backend_stops_with_the_file_to_run(tmp_path):
+    from conftest import SAMPLE_DIR, run_cli, write_config
+
+    cfg = write_config(tmp_path / "b.yaml", SAMPLE_DIR / "metadata.csv", SAMPLE_DIR / "images", run_name="b",
+                       generate={"backend": "batch", "llm": {"cache_dir": str(tmp_path / "cache")}})
+    proc = run_cli("build", "--config", str(cfg), check=False)
+    assert proc.returncode == 3 and "vllm run_batch" in proc.stderr
+    written = list((tmp_path / "runs" / "b" / "batch").glob("batch-compose-*.jsonl"))
+    assert len(written) == 1 and not (tmp_path / "runs" / "b" / "stages" / "generate.done.json").exists()
