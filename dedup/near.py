@@ -124,7 +124,7 @@ def global_recurrence(qa: pd.DataFrame, texts: list[str], vectors: np.ndarray, g
         for i, t in enumerate(texts):
             rows_by_text[t].append(i)
         ids = qa["qa_id"].tolist()
-        for t, rows in rows_by_text.items():
+        for rows in rows_by_text.values():
             if len(rows) > max_repeats:
                 rows = sorted(rows, key=lambda i: stable_hash(seed, "cap", ids[i]))
                 for i in rows[max_repeats:]:

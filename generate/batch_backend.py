@@ -38,7 +38,11 @@ def read_results(paths: Sequence[Path]) -> dict[str, ChatReply]:
         for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            item = json.loads(line)
+            try:
+                item = json.loads(line)
+                item["custom_id"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{path}:{line_no}: not a Batch API result line ({err})") from err
             response = item.get("response") or {}
             if item.get("error") or response.get("status_code", 200) != 200:
                 out[item["custom_id"]] = ChatReply(None, finish_reason=None,

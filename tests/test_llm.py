@@ -280,3 +280,10 @@ def test_cli_batch_backend_stops_with_the_file_to_run(tmp_path):
     assert proc.returncode == 3 and "vllm run_batch" in proc.stderr
     written = list((tmp_path / "runs" / "b" / "batch").glob("batch-compose-*.jsonl"))
     assert len(written) == 1 and not (tmp_path / "runs" / "b" / "stages" / "generate.done.json").exists()
+
+
+def test_a_malformed_batch_results_line_is_reported_with_its_place(tmp_path):
+    bad = tmp_path / "results.jsonl"
+    bad.write_text('{"custom_id": "a", "response": {"status_code": 200, "body": {}}}\n{"oops": 1}\n')
+    with pytest.raises(ValueError, match=r"results.jsonl:2: not a Batch API result line"):
+        read_results([bad])
