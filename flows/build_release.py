@@ -8,61 +8,32 @@ Each task is a thin wrapper: it calls one stage function, writes the stage's par
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.stage_cache import cached_stage, code_version, digests
-from generate import GroundingChecker, compose_plans, make_backend, realize_plans
+from augment import load_artifact_catalog
 from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceTransformerEncoder,
                    cross_split_leakage, deduplicate, question_vectors)
+from flows.augment_track import augment_track
+from flows.input_stages import by_reason, check_images, parse_sources, reconcile
+from flows.stage_cache import cached_stage, code_version, digests
+from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config
 from kvqa.tables import file_digest, quarantine_frame, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
-from publish.release import release_rows
-from sources import read_sources
-from sources.images import inventory_images
+from publish.release import augmented_rows, release_rows, write_augmented_release
+from publish.swift import write_swift_jsonl
 
 log = logging.getLogger("kvqa")
 QUARANTINE_FILES = ["stages/quarantine_sources.parquet", "stages/quarantine_generate.parquet",
-                    "stages/quarantine_images.parquet", "stages/quarantine_publish.parquet"]
-
-
-class ReconciliationError(RuntimeError):
-    """Counts that must add up did not: rows were lost or invented between stages."""
-
-
-def reconcile(what: str, total: int, *parts: int) -> None:
-    if total != sum(parts):
-        raise ReconciliationError(f"{what}: {total} in, {' + '.join(map(str, parts))} = {sum(parts)} out")
-
-
-def _by_reason(q: pd.DataFrame) -> dict[str, int]:
-    return {str(k): int(v) for k, v in q["reason"].value_counts().sort_index().items()}
-
-
-@task(cache_policy=NONE)
-def parse_sources(cfg: Config, run_dir: Path) -> dict:
-    catalog = load_catalog(cfg.catalog)
-    key = {"code": code_version("sources"), "sources": [s.model_dump(mode="json") for s in cfg.sources],
-           "inputs": [file_digest(Path(s.metadata_csv)) for s in cfg.sources],
-           "catalog": catalog.digest}
-
-    def build():
-        parsed = read_sources(cfg.sources, catalog)
-        in_facts = int(parsed.facts["source_rows"].map(len).sum())
-        reconcile("label rows", parsed.rows_read, in_facts, len(parsed.quarantine))
-        write_table(parsed.facts, run_dir / "stages/facts.parquet")
-        write_table(parsed.quarantine, run_dir / "stages/quarantine_sources.parquet")
-        return ({"rows_read": parsed.rows_read, "rows_in_facts": in_facts, "facts": len(parsed.facts),
-                 "quarantined": len(parsed.quarantine), "by_reason": _by_reason(parsed.quarantine)},
-                ["stages/facts.parquet", "stages/quarantine_sources.parquet"])
-
-    return cached_stage(run_dir, "sources", key, build)
+                    "stages/quarantine_images.parquet", "stages/quarantine_augment.parquet",
+                    "stages/quarantine_publish.parquet"]
 
 
 @task(cache_policy=NONE)
@@ -98,22 +69,11 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
         reconcile("plans", len(plans), int((~qa["qa_id"].str.contains(r"-p\d+$")).sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
-        return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": _by_reason(rejected),
+        return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
                  "llm_usage": getattr(backend, "usage", {})},
                 ["stages/qa.parquet", "stages/quarantine_generate.parquet"])
 
     return cached_stage(run_dir, "generate", key, build)
-
-
-def _image_listing(cfg: Config) -> list[str]:
-    """Names, sizes and mtimes of the image folders: a cheap key; content hashes go into the table."""
-    out = []
-    for s in cfg.sources:
-        d = Path(s.image_dir)
-        files = sorted(d.iterdir()) if d.is_dir() else []
-        out.append(f"{s.name}:{d}:" + ",".join(f"{p.name}/{p.stat().st_size}/{p.stat().st_mtime_ns}"
-                                               for p in files if p.is_file()))
-    return out
 
 
 def _encoder_and_cache(cfg: Config):
@@ -160,24 +120,6 @@ def leakage_report(cfg: Config, run_dir: Path) -> dict:
 
 
 @task(cache_policy=NONE)
-def check_images(cfg: Config, run_dir: Path) -> dict:
-    key = {"code": code_version("sources"), "listing": _image_listing(cfg),
-           "sources": [s.model_dump(mode="json") for s in cfg.sources],
-           "inputs": digests(run_dir, "stages/facts.parquet")}
-
-    def build():
-        facts = read_table(run_dir / "stages/facts.parquet")
-        images, bad = inventory_images(facts, cfg.sources)
-        reconcile("images", int(facts[["source", "img_id"]].drop_duplicates().shape[0]), len(images), len(bad))
-        write_table(images, run_dir / "stages/images.parquet")
-        write_table(bad, run_dir / "stages/quarantine_images.parquet")
-        return ({"images": len(images) + len(bad), "usable": len(images), "quarantined": len(bad),
-                 "by_reason": _by_reason(bad)}, ["stages/images.parquet", "stages/quarantine_images.parquet"])
-
-    return cached_stage(run_dir, "images", key, build)
-
-
-@task(cache_policy=NONE)
 def split_images(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("publish"), "split": cfg.split.model_dump(mode="json"), "seed": cfg.seed,
            "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/images.parquet")}
@@ -197,7 +139,8 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
 
 @task(cache_policy=NONE)
 def write_hub_release(cfg: Config, run_dir: Path, config_text: str, dedup_figures: dict, leakage: dict) -> dict:
-    upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet", *QUARANTINE_FILES[:3]]
+    upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
+                "stages/augmentations.parquet", *QUARANTINE_FILES[:4]]
     key = {"code": code_version("publish"), "publish": cfg.publish.model_dump(mode="json"),
            "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
            "dedup": dedup_figures, "leakage": leakage,
@@ -219,19 +162,44 @@ def write_hub_release(cfg: Config, run_dir: Path, config_text: str, dedup_figure
         write_table(rejected, run_dir / "stages/quarantine_publish.parquet")
         release_dir = run_dir / "release"
         files = write_release(qa, splits, images, release_dir, cfg.publish)
+        augmentations = read_table(run_dir / "stages/augmentations.parquet")
+        augmented = write_augmented_release(qa, splits, images, augmentations, run_dir, release_dir, cfg.publish)
+        if not augmented:
+            shutil.rmtree(release_dir / "augmented", ignore_errors=True)
         quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
         card, counts = render_card(
             release_dir, files, pretty_name=cfg.publish.pretty_name, license=cfg.publish.license,
             sources=[{"name": s.name, "kind": s.kind, "license": s.license} for s in cfg.sources],
             generator=str(qa["generator_version"].iloc[0]) if len(qa) else "none",
-            config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage})
+            config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
+            augmented_files=augmented, augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base))
         write_text(card, release_dir / "README.md")
         outputs = ["stages/quarantine_publish.parquet", "release/README.md",
-                   *[f"release/{f['file']}" for fs in files.values() for f in fs]]
+                   *[f"release/{f['file']}" for config in (files, augmented) for fs in config.values() for f in fs]]
         return {"rows": {s: sum(f["rows"] for f in fs) for s, fs in files.items()},
+                "augmented_rows": {s: sum(f["rows"] for f in fs) for s, fs in augmented.items()},
                 "dropped_for_images": len(rejected), "counts": counts}, outputs
 
     return cached_stage(run_dir, "release", key, build)
+
+
+@task(cache_policy=NONE)
+def export_swift(cfg: Config, run_dir: Path) -> dict:
+    """ms-swift JSONL of both tracks in `export/swift/` (see `publish.swift`)."""
+    upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
+                "stages/augmentations.parquet"]
+    key = {"code": code_version("publish"), "run_dir": str(run_dir), "inputs": digests(run_dir, *upstream)}
+
+    def build():
+        qa, splits, images, augmentations = (read_table(run_dir / f) for f in upstream)
+        out = run_dir / "export" / "swift"
+        shutil.rmtree(out, ignore_errors=True)
+        rows = release_rows(qa, splits, images)
+        lines = write_swift_jsonl(rows, out, "original")
+        lines |= write_swift_jsonl(augmented_rows(rows, augmentations, run_dir), out, "augmented")
+        return {"lines": lines}, [f"export/swift/{name}" for name in lines]
+
+    return cached_stage(run_dir, "export", key, build)
 
 
 @flow(name="build_release", log_prints=True)
@@ -248,9 +216,11 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     report["generate"] = realize_pairs(cfg, run_dir)
     report["dedup"] = deduplicate_pairs(cfg, run_dir)
     report["images"] = check_images(cfg, run_dir)
+    report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
     report["splits"] = split_images(cfg, run_dir)
     report["leakage"] = leakage_report(cfg, run_dir)
     report["release"] = write_hub_release(cfg, run_dir, config_text, report["dedup"], report["leakage"])
+    report["export"] = export_swift(cfg, run_dir)
     quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
     write_table(quarantine, run_dir / "quarantine.parquet")
     report["quarantine"] = {"total": len(quarantine),

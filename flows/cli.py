@@ -29,26 +29,34 @@ def build(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=T
     """Build a Hub-ready release folder from source labels and images."""
     _logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pydantic import ValidationError
-
     from flows.build_release import build_release
     from generate.batch_backend import BatchPending
-    from kvqa.config import load_config
 
-    overrides = {"output_root": str(output_root)} if output_root else None
-    try:  # a bad config or a missing input is reported before Prefect starts, in one readable line
-        cfg = load_config(config, overrides)
-    except (ValidationError, ValueError) as err:
-        fail(f"invalid config {config or '(embedded sample)'}:\n{err}")
-    missing = [str(p) for s in cfg.sources for p in (s.metadata_csv, s.image_dir) if not p.exists()]
-    if missing:
-        fail(f"input not found: {', '.join(missing)}")
+    _checked_config(config, output_root)
     try:
         report = build_release(str(config) if config else None, str(output_root) if output_root else None)
     except BatchPending as pending:
         typer.echo(f"waiting for batch results: {pending}", err=True)
         raise typer.Exit(3)
     typer.echo(summarise(report))
+
+
+def _checked_config(config: Optional[Path], output_root: Optional[Path]):
+    """Load the config, or fail in one readable line before Prefect starts (bad value, missing input)."""
+    from pydantic import ValidationError
+
+    from augment import CatalogError, load_artifact_catalog
+    from kvqa.config import load_config
+
+    try:
+        cfg = load_config(config, {"output_root": str(output_root)} if output_root else None)
+        load_artifact_catalog(cfg.augment.catalog)
+    except (ValidationError, ValueError, CatalogError, OSError) as err:
+        fail(f"invalid config {config or '(embedded sample)'}:\n{err}")
+    missing = [str(p) for s in cfg.sources for p in (s.metadata_csv, s.image_dir) if not p.exists()]
+    if missing:
+        fail(f"input not found: {', '.join(missing)}")
+    return cfg
 
 
 def fail(message: str) -> None:
@@ -66,11 +74,32 @@ def summarise(report: dict) -> str:
              + (f" -> after dedup {d['rows_kept']:,} ({d['rows_removed']:,} duplicates)" if "rows_kept" in d else ""),
              f"  images {report['images']['usable']:,} usable, {report['images']['quarantined']:,} quarantined",
              "  release rows: " + ", ".join(f"{k} {v:,}" for k, v in rows.items())]
+    a = report.get("augment", {})
+    if a.get("variants"):
+        lines.append(f"  augmented track: {a['variants']:,} variants of {a['augmented_images']:,} images "
+                     f"({len(a['artifacts'])} artifacts), release rows "
+                     + ", ".join(f"{k} {v:,}" for k, v in report["release"]["augmented_rows"].items())
+                     + f"; contact sheet {report['run_dir']}/{a['contact_sheet']}")
     if report["quarantine"]["total"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v:,}" for k, v in
                                                     report["quarantine"]["by_stage_reason"].items())
                      + f" (see {report['run_dir']}/quarantine.parquet)")
     return "\n".join(lines)
+
+
+@app.command()
+def augment(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
+                                                  help="run config YAML (default: the embedded sample)"),
+            output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
+    """Make (or complete) only the augmented track of a run: ten weak imaging artifacts per image."""
+    _logging()
+    from flows.augment_track import augment_track
+
+    cfg = _checked_config(config, output_root)
+    summary = augment_track(str(config) if config else None, str(output_root) if output_root else None)
+    typer.echo(f"run {cfg.run_name}: {summary['variants']:,} variants of {summary['augmented_images']:,} images "
+               f"in {cfg.run_dir / 'augmented'} ({summary['quarantined']} images quarantined); "
+               f"contact sheet {cfg.run_dir / str(summary['contact_sheet'])}")
 
 
 @app.command()

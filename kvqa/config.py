@@ -106,6 +106,20 @@ class DedupConfig(_Strict):
     cache_dir: Path | None = None  # default: <output_root>/embed-cache, shared by all runs
 
 
+class AugmentConfig(_Strict):
+    """The augmented robustness track (see `augment/`): one variant per artifact of the catalog.
+
+    `workers` and `chunk_size` change how fast the track is made, never what it contains.
+    """
+
+    enabled: bool = True
+    catalog: Path = Path(__file__).resolve().parent.parent / "augment" / "artifacts.yaml"
+    jpeg_quality: int = Field(default=95, ge=1, le=100)
+    workers: int = Field(default=0, ge=0)  # processes; 0 = one per core
+    chunk_size: int = Field(default=16, gt=0)  # images per task
+    contact_sheet_images: int = Field(default=4, ge=0)
+
+
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
 
@@ -126,6 +140,7 @@ class Config(_Strict):
     plans: PlanConfig = PlanConfig()
     generate: GenerateConfig = GenerateConfig()
     dedup: DedupConfig = DedupConfig()
+    augment: AugmentConfig = AugmentConfig()
     split: SplitConfig = SplitConfig()
     publish: PublishConfig = PublishConfig()
 
@@ -168,6 +183,9 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     dedup = data.get("dedup", {})
     if dedup.get("cache_dir"):
         dedup["cache_dir"] = _resolve(dedup["cache_dir"], base)
+    augment = data.get("augment", {})
+    if augment.get("catalog"):
+        augment["catalog"] = _resolve(augment["catalog"], base)
     if llm.get("batch_results"):
         llm["batch_results"] = [_resolve(p, base) for p in llm["batch_results"]]
     if "output_root" in data:

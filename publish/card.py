@@ -72,6 +72,31 @@ def _dedup_section(d: dict) -> list[str]:
     return lines
 
 
+def augmented_counts(release_dir: Path, files: dict[str, list[dict]]) -> dict:
+    """Rows, images and rows per artifact of the `augmented` config, read back from its shards."""
+    out = {}
+    for split, shard_list in files.items():
+        df = pd.concat([pq.read_table(Path(release_dir) / f["file"], columns=["source", "img_id", "artifact"])
+                        .to_pandas() for f in shard_list], ignore_index=True)
+        out[split] = {"rows": len(df), "images": int(df[["source", "img_id"]].drop_duplicates().shape[0]),
+                      "artifact": dict(sorted(Counter(df["artifact"]).items()))}
+    return out
+
+
+def _augmented_section(counts: dict, recipe: list[str]) -> list[str]:
+    if not counts:
+        return ["## Augmented track", "", "Not made for this release.", ""]
+    artifacts = sorted({a for s in counts.values() for a in s["artifact"]})
+    return ["## Augmented track", "",
+            "Config `augmented` (`load_dataset(repo, \"augmented\")`): the same QA pairs, each once per weakly "
+            "augmented variant of its image. Every variant is the authors' weak base (" + ", ".join(recipe) +
+            ") plus one named imaging artifact, seeded from (seed, image, variant); the run's `augmentations` "
+            "table records every applied parameter and re-renders any variant byte for byte.", "",
+            _table(["split", "rows", "images"], [[s, v["rows"], v["images"]] for s, v in counts.items()]), "",
+            _table(["artifact", *counts], [[a, *[v["artifact"].get(a, 0) for v in counts.values()]]
+                                           for a in artifacts]), ""]
+
+
 def card_counts(data: dict[str, pd.DataFrame]) -> dict:
     """Counts per split, complexity, class and source: the figures the card prints (tests compare them)."""
     out: dict = {"splits": {}}
@@ -89,10 +114,13 @@ def card_counts(data: dict[str, pd.DataFrame]) -> dict:
 
 def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name: str, license: str,
                 sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
-                dedup: dict | None = None) -> tuple[str, dict]:
+                dedup: dict | None = None, augmented_files: dict[str, list[dict]] | None = None,
+                augment_recipe: tuple[str, ...] = ()) -> tuple[str, dict]:
     """Return (README.md text, the counts it states)."""
     data = read_release_counts(Path(release_dir), files)
     counts = card_counts(data)
+    if augmented_files:
+        counts["augmented"] = augmented_counts(Path(release_dir), augmented_files)
     total = sum(s["rows"] for s in counts["splits"].values())
     header = {
         "license": license, "pretty_name": pretty_name, "language": ["en"],
@@ -100,7 +128,10 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         "tags": ["medical", "endoscopy", "gastrointestinal", "vqa", "kvasir"],
         "size_categories": [_size_category(total)],
         "configs": [{"config_name": "default",
-                     "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files]}],
+                     "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files]},
+                    *([{"config_name": "augmented",
+                        "data_files": [{"split": s, "path": f"augmented/{s}-*"} for s in augmented_files]}]
+                      if augmented_files else [])],
     }
     splits = counts["splits"]
     levels = sorted({lvl for s in splits.values() for lvl in s["complexity"]})
@@ -138,6 +169,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         "",
         _table(["stage", "reason", "count"], q_counts.values.tolist()) if q_counts is not None else "None.", "",
         *_dedup_section(dedup or {}),
+        *_augmented_section(counts.get("augmented", {}), list(augment_recipe)),
         "## Columns", "",
         _table(["column", "meaning"], [
             ["img_id", "image id in its source"],
@@ -150,6 +182,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
             ["source_label", "image category in its source"],
             ["generator", "realizer backend"], ["generator_version", "template/prompt version and hash"],
             ["prompt_hash", "hash of the rendered prompt (LLM backends)"],
+            ["variant, artifact", "`augmented` config only: the variant's index and its artifact's name"],
         ]), "",
         "## Configuration used", "", "```yaml", config_yaml.strip(), "```", "",
         "## Citation", "", "```bibtex", CITATION, "```", "",

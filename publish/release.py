@@ -1,5 +1,9 @@
 """Write the Hub-ready release folder: `data/{split}-NNNNN-of-NNNNN.parquet` + `README.md`.
 
+Two configs: `default` (`data/`, the QA pairs on the original images) and `augmented` (`augmented/`, the
+same pairs on each augmented variant of their image, with the `variant` and `artifact` columns), loadable
+as `load_dataset(folder)` and `load_dataset(folder, "augmented")`.
+
 `datasets` does not embed image files by itself when given paths, so the writer puts each image's bytes
 into the `image` struct ({bytes, path}) and stores the `datasets` features in the parquet schema metadata;
 `load_dataset(folder)` then decodes the column as images, offline. Rows are streamed shard by shard in row
@@ -37,6 +41,8 @@ RELEASE_FEATURES = Features({
     "generator_version": Value("string"),
     "prompt_hash": Value("string"),
 })
+AUGMENTED_COLUMNS = [*RELEASE_COLUMNS, "variant", "artifact"]
+AUGMENTED_FEATURES = Features({**RELEASE_FEATURES, "variant": Value("int32"), "artifact": Value("string")})
 SPLITS = ("train", "test")
 
 
@@ -44,7 +50,17 @@ def release_rows(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame) -
     """QA rows of usable images with their split and image file, in the release's row order."""
     rows = qa.merge(splits[["source", "img_id", "split"]], on=["source", "img_id"], how="inner")
     rows = rows.merge(images[["source", "img_id", "path", "n_bytes"]], on=["source", "img_id"], how="inner")
+    rows["image_name"] = rows["img_id"] + rows["path"].map(lambda p: Path(p).suffix.lower())
     return rows.sort_values(["split", "source", "img_id", "complexity", "qa_id"], kind="stable")
+
+
+def augmented_rows(rows: pd.DataFrame, augmentations: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
+    """Every release row once per augmented variant of its image, grouped by image file."""
+    aug = augmentations[["source", "img_id", "variant", "artifact", "output_path", "n_bytes"]]
+    out = rows.drop(columns=["path", "n_bytes", "image_name"]).merge(aug, on=["source", "img_id"], how="inner")
+    out["path"] = [str(Path(run_dir) / p) for p in out.pop("output_path")]
+    out["image_name"] = out["img_id"] + "-" + out["path"].map(lambda p: Path(p).name)
+    return out.sort_values(["split", "source", "img_id", "variant", "complexity", "qa_id"], kind="stable")
 
 
 def plan_shards(rows: pd.DataFrame, max_shard_bytes: int) -> list[pd.DataFrame]:
@@ -73,8 +89,9 @@ def column_codecs(schema: pa.Schema) -> dict[str, str]:
     return {p: ("NONE" if p == "image.bytes" else "ZSTD") for p in paths}
 
 
-def _write_shard(rows: pd.DataFrame, path: Path, row_group_rows: int, bar: tqdm) -> None:
-    schema = RELEASE_FEATURES.arrow_schema
+def _write_shard(rows: pd.DataFrame, path: Path, features: Features, row_group_rows: int, bar: tqdm) -> None:
+    schema = features.arrow_schema
+    columns = list(features)
     last_path, last_bytes = None, b""
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema, compression=column_codecs(schema),
@@ -83,26 +100,25 @@ def _write_shard(rows: pd.DataFrame, path: Path, row_group_rows: int, bar: tqdm)
             for start in range(0, len(rows), row_group_rows):
                 chunk = rows.iloc[start:start + row_group_rows]
                 images = []
-                for p, img_id in zip(chunk["path"], chunk["img_id"]):
+                for p, name in zip(chunk["path"], chunk["image_name"]):
                     if p != last_path:
                         last_path, last_bytes = p, Path(p).read_bytes()
-                    images.append({"bytes": last_bytes, "path": f"{img_id}{Path(p).suffix.lower()}"})
-                cols = {c: chunk[c].tolist() for c in RELEASE_COLUMNS if c != "image"}
+                    images.append({"bytes": last_bytes, "path": name})
+                cols = {c: chunk[c].tolist() for c in columns if c != "image"}
                 cols["image"] = images
-                w.write_table(pa.Table.from_pydict({c: cols[c] for c in RELEASE_COLUMNS}, schema=schema))
+                w.write_table(pa.Table.from_pydict({c: cols[c] for c in columns}, schema=schema))
                 bar.update(len(chunk))
 
 
-def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, out_dir: Path,
-                  config: PublishConfig) -> dict:
-    """Write every split's shards into `out_dir/data`; return {split: [(file, rows, sha256)]}.
+def write_config_shards(rows: pd.DataFrame, out_dir: Path, folder: str, features: Features,
+                        config: PublishConfig) -> dict:
+    """Write one config's rows as `out_dir/folder/{split}-NNNNN-of-NNNNN.parquet`; return
+    {split: [{file, rows, sha256}]}.
 
     Shards of a previous, different layout are removed so the folder always holds exactly one release.
     """
-    out_dir = Path(out_dir)
-    data_dir = out_dir / "data"
+    data_dir = Path(out_dir) / folder
     data_dir.mkdir(parents=True, exist_ok=True)
-    rows = release_rows(qa, splits, images)
     planned: dict[str, list[pd.DataFrame]] = {
         split: plan_shards(part, config.max_shard_bytes)
         for split, part in rows.groupby("split", sort=False) if split in SPLITS
@@ -114,11 +130,24 @@ def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, 
         if stale.name not in keep:
             stale.unlink()
     written: dict[str, list[dict]] = {}
-    with tqdm(total=len(rows), desc="write release", unit="row", mininterval=1.0,
+    with tqdm(total=len(rows), desc=f"write {folder}", unit="row", mininterval=1.0,
               disable=len(rows) < 5000) as bar:
         for split in SPLITS:
             for shard, name in zip(planned.get(split, []), names.get(split, [])):
-                _write_shard(shard, data_dir / name, config.row_group_rows, bar)
+                _write_shard(shard, data_dir / name, features, config.row_group_rows, bar)
                 written.setdefault(split, []).append(
-                    {"file": f"data/{name}", "rows": len(shard), "sha256": file_digest(data_dir / name)})
+                    {"file": f"{folder}/{name}", "rows": len(shard), "sha256": file_digest(data_dir / name)})
     return written
+
+
+def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, out_dir: Path,
+                  config: PublishConfig) -> dict:
+    """The `default` config: every usable QA row with its original image embedded."""
+    return write_config_shards(release_rows(qa, splits, images), out_dir, "data", RELEASE_FEATURES, config)
+
+
+def write_augmented_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame,
+                            augmentations: pd.DataFrame, run_dir: Path, out_dir: Path, config: PublishConfig) -> dict:
+    """The `augmented` config: every usable QA row once per augmented variant of its image."""
+    rows = augmented_rows(release_rows(qa, splits, images), augmentations, run_dir)
+    return write_config_shards(rows, out_dir, "augmented", AUGMENTED_FEATURES, config)

@@ -1,0 +1,170 @@
+"""Render one augmented variant, record everything it drew, and re-render it from that record alone.
+
+Seeding. albumentations 2.0.8's `Compose(seed=k)` hands the *same* seed to every child, so re-making a
+Compose per image makes all children take the same first draw (a crop at p=0.5 fires exactly when the
+blur does). Here every step gets its own seed, `sha256(config seed, source, img_id, variant, step name)`,
+and steps are applied one by one: draws are independent across steps, images and variants, and do not
+depend on process, chunk or order.
+
+Record. A variant's recipe lists, per step: the transform, its keyword arguments for this image, its seed,
+whether it fired and the parameters it applied (JSON-safe: arrays such as blur kernels are summarised by
+shape, dtype, statistics and a digest). `replay_variant` rebuilds the steps from the recipe, re-seeds them,
+re-applies them, checks the applied parameters equal the recorded ones and returns the JPEG bytes, which
+equal the recorded output when the same albumentations / OpenCV / Pillow versions are installed (the
+recipe names them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import PIL
+from PIL import Image
+
+from augment.catalog import ArtifactCatalog, build_transform
+from kvqa.tables import stable_hash
+
+GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+VERSIONS = {"albumentations": A.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__}
+
+
+class AugmentImageError(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An input image as an RGB uint8 array, with the mode the variants are written in."""
+
+    pixels: np.ndarray
+    input_mode: str
+    output_mode: str  # "L" for grayscale inputs (8- or 16-bit), "RGB" for everything else
+
+
+def decode_image(data: bytes, name: str) -> DecodedImage:
+    """Fully decode an image and convert it to 8-bit RGB.
+
+    Grayscale (incl. 16-bit PNG, scaled, not clipped) is replicated to three channels and written back as
+    grayscale; RGBA/LA/transparent palettes are composited over black (the frame's background); palette,
+    CMYK and YCbCr become RGB. A truncated or undecodable file raises AugmentImageError.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                mode = im.mode
+                rgb = _to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise AugmentImageError("corrupt_image", f"{name}: {err}") from err
+    return DecodedImage(np.asarray(rgb), mode, "L" if mode in GRAYSCALE_MODES else "RGB")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float grayscale
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and arr.max() > 255):
+            arr = arr / 257.0  # 0..65535 -> 0..255, scaled rather than clipped
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in {"RGBA", "LA", "PA", "RGBa", "La"}:
+        rgba = im.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def step_seed(seed: int, source: str, img_id: str, variant: int, step: str) -> int:
+    """An independent 63-bit seed per (config seed, image, variant, step): never from order or process."""
+    return int(stable_hash(seed, source, img_id, variant, step)[:16], 16) >> 1
+
+
+def json_safe(value: Any) -> Any:
+    """Applied parameters as JSON: arrays larger than 16 values are summarised, numpy scalars unboxed."""
+    if isinstance(value, np.ndarray):
+        if value.size <= 16:
+            return json_safe(value.tolist())
+        return {"ndarray": list(value.shape), "dtype": str(value.dtype),
+                "min": float(value.min()), "max": float(value.max()), "mean": round(float(value.mean()), 6),
+                "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()[:16]}
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def plan_recipe(catalog: ArtifactCatalog, seed: int, source: str, img_id: str, variant: int,
+                height: int, width: int) -> list[dict]:
+    """The steps of one variant with their arguments and seeds, before anything is drawn."""
+    return [{"name": s.name, "transform": s.transform, "init": s.init_args(height, width),
+             "seed": step_seed(seed, source, img_id, variant, s.name)} for s in catalog.steps(variant)]
+
+
+def apply_steps(pixels: np.ndarray, steps: list[dict], transforms: dict | None = None) -> tuple[np.ndarray, list[dict]]:
+    """Apply the steps one by one, each re-seeded from its own seed; return (pixels, the steps as applied).
+
+    `transforms` caches built transforms by (transform, init) within a worker: building validates
+    parameters with pydantic, which costs more than applying a cheap step.
+    """
+    applied = []
+    for step in steps:
+        key = (step["transform"], json.dumps(step["init"], sort_keys=True))
+        t = transforms.get(key) if transforms is not None else None
+        if t is None:
+            t = build_transform(step["transform"], step["init"])
+            if transforms is not None:
+                transforms[key] = t
+        t.set_random_seed(step["seed"])
+        pixels = t(image=pixels)["image"]
+        params = t.get_applied_params()
+        applied.append({**step, "fired": bool(params), "params": json_safe(params)})
+    return pixels, applied
+
+
+def encode_jpeg(pixels: np.ndarray, mode: str, quality: int) -> bytes:
+    """Baseline JPEG, fixed quality and subsampling: the same pixels always give the same bytes."""
+    im = Image.fromarray(pixels)
+    if mode == "L":
+        im = im.convert("L")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality, subsampling="4:2:0", optimize=False)
+    return buf.getvalue()
+
+
+def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int) -> str:
+    """The variant's record as canonical JSON (the `recipe` column)."""
+    return json.dumps({"versions": VERSIONS, "input_mode": decoded.input_mode, "output_mode": decoded.output_mode,
+                       "jpeg_quality": quality, "steps": applied}, sort_keys=True, separators=(",", ":"))
+
+
+class ReplayMismatch(AssertionError):
+    """Re-applying a recorded recipe drew other parameters than the record states."""
+
+
+def replay_variant(recipe_json: str, image_path: Path) -> bytes:
+    """Re-render a variant from its recorded recipe and the input file alone (no config, no catalog)."""
+    recipe = json.loads(recipe_json)
+    decoded = decode_image(Path(image_path).read_bytes(), Path(image_path).name)
+    steps = [{k: s[k] for k in ("name", "transform", "init", "seed")} for s in recipe["steps"]]
+    pixels, applied = apply_steps(decoded.pixels, steps)
+    for want, got in zip(recipe["steps"], applied):
+        if json.dumps(want, sort_keys=True) != json.dumps(got, sort_keys=True):
+            raise ReplayMismatch(f"step {want['name']}: recorded {want['params']}, replayed {got['params']}")
+    return encode_jpeg(pixels, recipe["output_mode"], recipe["jpeg_quality"])

@@ -1,0 +1,217 @@
+"""The augmented track: every usable image x every artifact, rendered in worker processes, resumable.
+
+Augmentations table (`stages/augmentations.parquet`), one row per variant:
+
+| column | type | meaning |
+|---|---|---|
+| source, img_id | str | the input image |
+| variant | int | 0..n-1, the artifact's position in the catalog |
+| artifact | str | the artifact's name |
+| input_sha256 | str | digest of the input file's bytes |
+| output_path | str | the JPEG, relative to the run folder: `augmented/<source>/<img_id>/<variant>-<artifact>.jpg` |
+| output_sha256 | str | digest of the JPEG's bytes |
+| width, height | int | pixel size (always the input's) |
+| mode | str | `RGB`, or `L` for grayscale inputs |
+| n_bytes | int | JPEG size |
+| recipe | str | JSON: versions, modes, quality and every step's transform, arguments, seed and applied parameters |
+
+Images are cut into chunks; a chunk renders all variants of its images (each image is decoded once and
+encoded n times) and writes its records to `augment/records/` before returning, so a killed run keeps
+every finished chunk. On a re-run a variant is skipped when its record plans the same steps, seeds and
+quality for the same input bytes and the file on disk still has the recorded digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import pandas as pd
+from tqdm.auto import tqdm
+
+from augment.catalog import ArtifactCatalog
+from augment.render import (VERSIONS, AugmentImageError, apply_steps, decode_image, encode_jpeg, make_recipe,
+                            plan_recipe)
+from kvqa.tables import atomic_path, quarantine_frame, read_table, stable_hash, write_table
+
+AUGMENT_COLUMNS = ["source", "img_id", "variant", "artifact", "input_sha256", "output_path", "output_sha256",
+                   "width", "height", "mode", "n_bytes", "recipe"]
+RECORDS_DIR = "augment/records"
+STAGE = "augment"
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What a worker needs besides its chunk; picklable, sent once per chunk."""
+
+    catalog: ArtifactCatalog
+    seed: int
+    jpeg_quality: int
+    run_dir: Path
+
+    @property
+    def digest(self) -> str:
+        return stable_hash(self.catalog.digest, self.seed, self.jpeg_quality, json.dumps(VERSIONS, sort_keys=True))[:16]
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    records: pd.DataFrame
+    quarantine: pd.DataFrame
+    rendered: int  # variants rendered now (the others were verified on disk and kept)
+
+
+def output_path(source: str, img_id: str, variant: int, artifact: str) -> str:
+    return f"augmented/{source}/{img_id}/{variant:02d}-{artifact}.jpg"
+
+
+def _planned_steps(recipe_json: str) -> list[dict]:
+    return [{k: s[k] for k in ("name", "transform", "init", "seed")} for s in json.loads(recipe_json)["steps"]]
+
+
+def _reusable(prior: dict | None, planned: list[dict], input_sha: str, settings: RenderSettings) -> bool:
+    """A recorded variant can stand when it planned exactly this and its file still has its digest."""
+    if prior is None or prior["input_sha256"] != input_sha:
+        return False
+    recipe = json.loads(prior["recipe"])
+    if (recipe["jpeg_quality"] != settings.jpeg_quality or recipe["versions"] != VERSIONS
+            or _planned_steps(prior["recipe"]) != json.loads(json.dumps(planned))):
+        return False
+    path = settings.run_dir / prior["output_path"]
+    return path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == prior["output_sha256"]
+
+
+def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, transforms: dict) -> tuple[list[dict], int]:
+    """All variants of one image; returns (records, how many were rendered rather than reused)."""
+    data = Path(image["path"]).read_bytes()
+    input_sha = hashlib.sha256(data).hexdigest()
+    catalog, records, rendered = settings.catalog, [], 0
+    decoded = None
+    for variant, artifact in enumerate(catalog.artifacts):
+        old = prior.get(variant)
+        if old is not None and decoded is None:
+            planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant,
+                                  int(old["height"]), int(old["width"]))
+            if _reusable(old, planned, input_sha, settings):
+                records.append(old)
+                continue
+        if decoded is None:
+            decoded = decode_image(data, Path(image["path"]).name)
+        height, width = decoded.pixels.shape[:2]
+        planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant, height, width)
+        if _reusable(old, planned, input_sha, settings):
+            records.append(old)
+            continue
+        pixels, applied = apply_steps(decoded.pixels, planned, transforms)
+        jpeg = encode_jpeg(pixels, decoded.output_mode, settings.jpeg_quality)
+        rel = output_path(image["source"], image["img_id"], variant, artifact.name)
+        with atomic_path(settings.run_dir / rel) as tmp:
+            tmp.write_bytes(jpeg)
+        rendered += 1
+        records.append({"source": image["source"], "img_id": image["img_id"], "variant": variant,
+                        "artifact": artifact.name, "input_sha256": input_sha, "output_path": rel,
+                        "output_sha256": hashlib.sha256(jpeg).hexdigest(), "width": width, "height": height,
+                        "mode": decoded.output_mode, "n_bytes": len(jpeg),
+                        "recipe": make_recipe(applied, decoded, settings.jpeg_quality)})
+    return records, rendered
+
+
+_TRANSFORMS: dict = {}  # per worker process: built transforms by (class, arguments)
+
+
+def chunk_file(chunk: list[dict], settings: RenderSettings) -> str:
+    """The records file of a chunk: named by its images and what they are rendered with."""
+    key = stable_hash(settings.digest, *(f"{i['source']}/{i['img_id']}" for i in chunk))[:20]
+    return f"{RECORDS_DIR}/chunk-{key}.parquet"
+
+
+def render_chunk(chunk: list[dict], settings: RenderSettings) -> ChunkResult:
+    """Render (or verify) every variant of a chunk's images and persist the chunk's records.
+
+    Each item of `chunk` is an image row (`source`, `img_id`, `path`) plus `prior`, its recorded variants.
+    An image that does not decode is quarantined here, with its reason; the chunk goes on.
+    """
+    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only oversubscribe
+    records, bad, rendered = [], [], 0
+    for image in chunk:
+        try:
+            recs, n = render_image(image, image["prior"], settings, _TRANSFORMS)
+            records += recs
+            rendered += n
+        except (AugmentImageError, OSError) as err:
+            bad.append({"stage": STAGE, "source": image["source"], "key": image["img_id"],
+                        "reason": getattr(err, "reason", "unreadable_image"), "detail": str(err),
+                        "raw": image["path"]})
+    table = pd.DataFrame(records, columns=AUGMENT_COLUMNS)
+    write_table(table, settings.run_dir / chunk_file(chunk, settings))
+    return ChunkResult(table, quarantine_frame(bad), rendered)
+
+
+def plan_chunks(images: pd.DataFrame, run_dir: Path, chunk_size: int) -> list[list[dict]]:
+    """Images in (source, img_id) order, cut in chunks, each image carrying its recorded variants."""
+    prior: dict[tuple[str, str], dict[int, dict]] = {}
+    record_files = sorted((run_dir / RECORDS_DIR).glob("chunk-*.parquet"))
+    if record_files:
+        old = pd.concat([read_table(f) for f in record_files], ignore_index=True)
+        for rec in old.to_dict("records"):
+            prior.setdefault((rec["source"], rec["img_id"]), {})[int(rec["variant"])] = rec
+    rows = images.sort_values(["source", "img_id"])[["source", "img_id", "path"]].to_dict("records")
+    for row in rows:
+        row["prior"] = prior.get((row["source"], row["img_id"]), {})
+    return [rows[i:i + chunk_size] for i in range(0, len(rows), chunk_size)]
+
+
+ChunkRunner = Callable[[list[list[dict]], RenderSettings], list[ChunkResult]]
+
+
+def run_in_processes(workers: int) -> ChunkRunner:
+    """Render chunks in `workers` processes (0 = one per core), with a progress bar."""
+    def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
+        n = workers or os.cpu_count() or 1
+        with ProcessPoolExecutor(max_workers=n) as pool:
+            futures = [pool.submit(render_chunk, c, settings) for c in chunks]
+            with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
+                      disable=sum(map(len, chunks)) < 50) as bar:
+                results = []
+                for chunk, fut in zip(chunks, futures):
+                    results.append(fut.result())
+                    bar.update(len(chunk))
+        return results
+    return run
+
+
+def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 16,
+                   run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
+    """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
+
+    `rendered` counts the variants rendered now rather than verified on disk (not a figure of the
+    release: it differs between a fresh and a resumed run).
+
+    Leaves exactly this run's variants under `augmented/` and this run's records under `augment/records/`
+    (files from a previous catalog or image set are removed), so the folder always matches the table.
+    """
+    run_dir = settings.run_dir
+    chunks = plan_chunks(images, run_dir, chunk_size)
+    results = (run_chunks or run_in_processes(0))(chunks, settings)
+    records = pd.concat([r.records for r in results], ignore_index=True) if results else \
+        pd.DataFrame(columns=AUGMENT_COLUMNS)
+    records = records.sort_values(["source", "img_id", "variant"], kind="stable").reset_index(drop=True)
+    records = records.astype({"variant": "int32", "width": "int32", "height": "int32", "n_bytes": "int64"})
+    quarantine = pd.concat([r.quarantine for r in results], ignore_index=True) if results else quarantine_frame([])
+    keep_records = {chunk_file(c, settings) for c in chunks}
+    for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
+        if str(f.relative_to(run_dir)) not in keep_records:
+            f.unlink()
+    keep_files = set(records["output_path"])
+    for f in (run_dir / "augmented").rglob("*.jpg") if (run_dir / "augmented").is_dir() else []:
+        if str(f.relative_to(run_dir)) not in keep_files:
+            f.unlink()
+    figures = {"images": len(images), "augmented_images": int(records[["source", "img_id"]].drop_duplicates().shape[0]),
+               "variants": len(records), "quarantined": len(quarantine), "artifacts": [a.name for a in settings.catalog.artifacts]}
+    return records, quarantine, figures, sum(r.rendered for r in results)

@@ -1,0 +1,102 @@
+"""The `augment_track` Prefect flow: usable images -> ten weakly augmented variants each.
+
+Chunks of images are mapped as Prefect tasks; each task hands its chunk to a process pool (one process
+per core), so the work runs in parallel while Prefect tracks every chunk. `build_release` calls the
+`augment` stage below itself; `augment_track` also runs alone (`kvqa augment`), starting from the input
+stages it needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import Executor, ProcessPoolExecutor
+from pathlib import Path
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NONE
+from tqdm.auto import tqdm
+
+from augment import RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk
+from augment.track import ChunkResult
+from flows.input_stages import by_reason, check_images, parse_sources, reconcile
+from flows.stage_cache import cached_stage, code_version, digests
+from kvqa.config import Config, load_config
+from kvqa.tables import atomic_path, read_table, write_table
+
+log = logging.getLogger("kvqa")
+CONTACT_SHEET = "augment/contact-sheet.png"
+
+
+@task(cache_policy=NONE, task_run_name="augment-chunk-{index}")
+def augment_chunk(chunk: list[dict], index: int, settings: RenderSettings, pool: Executor) -> ChunkResult:
+    return pool.submit(render_chunk, chunk, settings).result()
+
+
+def prefect_chunk_runner(workers: int):
+    """A ChunkRunner that maps one Prefect task per chunk over a process pool."""
+    def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            futures = augment_chunk.map(chunks, range(len(chunks)), unmapped(settings), unmapped(pool))
+            results = []
+            with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
+                      disable=sum(map(len, chunks)) < 50) as bar:
+                for chunk, fut in zip(chunks, futures):
+                    results.append(fut.result())
+                    bar.update(len(chunk))
+        return results
+    return run
+
+
+@task(cache_policy=NONE)
+def augment_stage(cfg: Config, run_dir: Path) -> dict:
+    """Render the augmented track of every usable image (skipped when nothing it depends on changed)."""
+    a = cfg.augment
+    catalog = load_artifact_catalog(a.catalog)
+    key = {"code": code_version("augment"), "seed": cfg.seed, "catalog": catalog.digest,
+           "augment": a.model_dump(mode="json", include={"enabled", "jpeg_quality", "contact_sheet_images"}),
+           "inputs": digests(run_dir, "stages/images.parquet")}
+
+    def build():
+        images = read_table(run_dir / "stages/images.parquet")
+        settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir)
+        if not a.enabled:
+            images = images.iloc[:0]
+        records, bad, figures, rendered = augment_images(images, settings, chunk_size=a.chunk_size,
+                                                         run_chunks=prefect_chunk_runner(a.workers))
+        reconcile("images through augment", len(images), figures["augmented_images"], len(bad))
+        reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), len(records))
+        log.info("augment: %d variants rendered, %d verified on disk", rendered, len(records) - rendered)
+        write_table(records, run_dir / "stages/augmentations.parquet")
+        write_table(bad, run_dir / "stages/quarantine_augment.parquet")
+        outputs = ["stages/augmentations.parquet", "stages/quarantine_augment.parquet"]
+        sheet = contact_sheet(records, images, run_dir, a.contact_sheet_images)
+        (run_dir / CONTACT_SHEET).unlink(missing_ok=True)
+        if sheet is not None:
+            with atomic_path(run_dir / CONTACT_SHEET) as tmp:
+                tmp.write_bytes(sheet)
+            outputs.append(CONTACT_SHEET)
+        return ({**figures, "by_reason": by_reason(bad),
+                 "contact_sheet": CONTACT_SHEET if sheet is not None else None}, outputs)
+
+    return cached_stage(run_dir, "augment", key, build)
+
+
+@flow(name="augment_track", log_prints=True)
+def augment_track(config_path: str | None = None, output_root: str | None = None,
+                  inputs_ready: bool = False) -> dict:
+    """Make (or complete) the augmented track of a run: `<run>/augmented/` and `stages/augmentations.parquet`.
+
+    `build_release` calls this with `inputs_ready=True` after its own image inventory; alone, the flow
+    runs the input stages first (cached when a release build already ran them).
+    """
+    cfg = load_config(config_path, {"output_root": output_root} if output_root else None)
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    if not inputs_ready:
+        parse_sources(cfg, run_dir)
+        check_images(cfg, run_dir)
+    summary = augment_stage(cfg, run_dir)
+    log.info("augmented track: %d of %d images, %d variants in %s", summary["augmented_images"],
+             summary["images"], summary["variants"], run_dir / "augmented")
+    return summary

@@ -1,0 +1,82 @@
+"""The input stages both flows start from: source labels -> facts, and the inventory of their images.
+
+`build_release` and `augment_track` each run these (cached across runs by `flows.stage_cache`), so the
+augmented track can be made on its own from a config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NONE
+
+from flows.stage_cache import cached_stage, code_version, digests
+from kvqa.catalog import load_catalog
+from kvqa.config import Config
+from kvqa.tables import file_digest, read_table, write_table
+from sources import read_sources
+from sources.images import inventory_images
+
+
+class ReconciliationError(RuntimeError):
+    """Counts that must add up did not: rows were lost or invented between stages."""
+
+
+def reconcile(what: str, total: int, *parts: int) -> None:
+    if total != sum(parts):
+        raise ReconciliationError(f"{what}: {total} in, {' + '.join(map(str, parts))} = {sum(parts)} out")
+
+
+def by_reason(q: pd.DataFrame) -> dict[str, int]:
+    return {str(k): int(v) for k, v in q["reason"].value_counts().sort_index().items()}
+
+
+@task(cache_policy=NONE)
+def parse_sources(cfg: Config, run_dir: Path) -> dict:
+    catalog = load_catalog(cfg.catalog)
+    key = {"code": code_version("sources"), "sources": [s.model_dump(mode="json") for s in cfg.sources],
+           "inputs": [file_digest(Path(s.metadata_csv)) for s in cfg.sources],
+           "catalog": catalog.digest}
+
+    def build():
+        parsed = read_sources(cfg.sources, catalog)
+        in_facts = int(parsed.facts["source_rows"].map(len).sum())
+        reconcile("label rows", parsed.rows_read, in_facts, len(parsed.quarantine))
+        write_table(parsed.facts, run_dir / "stages/facts.parquet")
+        write_table(parsed.quarantine, run_dir / "stages/quarantine_sources.parquet")
+        return ({"rows_read": parsed.rows_read, "rows_in_facts": in_facts, "facts": len(parsed.facts),
+                 "quarantined": len(parsed.quarantine), "by_reason": by_reason(parsed.quarantine)},
+                ["stages/facts.parquet", "stages/quarantine_sources.parquet"])
+
+    return cached_stage(run_dir, "sources", key, build)
+
+
+def image_listing(cfg: Config) -> list[str]:
+    """Names, sizes and mtimes of the image folders: a cheap key; content hashes go into the table."""
+    out = []
+    for s in cfg.sources:
+        d = Path(s.image_dir)
+        files = sorted(d.iterdir()) if d.is_dir() else []
+        out.append(f"{s.name}:{d}:" + ",".join(f"{p.name}/{p.stat().st_size}/{p.stat().st_mtime_ns}"
+                                               for p in files if p.is_file()))
+    return out
+
+
+@task(cache_policy=NONE)
+def check_images(cfg: Config, run_dir: Path) -> dict:
+    key = {"code": code_version("sources"), "listing": image_listing(cfg),
+           "sources": [s.model_dump(mode="json") for s in cfg.sources],
+           "inputs": digests(run_dir, "stages/facts.parquet")}
+
+    def build():
+        facts = read_table(run_dir / "stages/facts.parquet")
+        images, bad = inventory_images(facts, cfg.sources)
+        reconcile("images", int(facts[["source", "img_id"]].drop_duplicates().shape[0]), len(images), len(bad))
+        write_table(images, run_dir / "stages/images.parquet")
+        write_table(bad, run_dir / "stages/quarantine_images.parquet")
+        return ({"images": len(images) + len(bad), "usable": len(images), "quarantined": len(bad),
+                 "by_reason": by_reason(bad)}, ["stages/images.parquet", "stages/quarantine_images.parquet"])
+
+    return cached_stage(run_dir, "images", key, build)

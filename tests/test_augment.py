@@ -1,0 +1,267 @@
+"""The augmented track on real Kvasir-SEG frames and on the sample: catalog validation, determinism in any
+process order, replay from the record, independent per-step seeds, weak-but-real artifacts, odd and bad
+inputs, resume, and the `augmented` release config."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from augment import (CatalogError, RenderSettings, augment_images, decode_image, load_artifact_catalog,
+                     replay_variant, run_in_processes)
+from augment.catalog import DEFAULT_ARTIFACTS_PATH, ArtifactCatalog, StepSpec
+from augment.render import apply_steps, plan_recipe
+from augment.track import render_chunk
+from conftest import SAMPLE_DIR, SHARED, tree_digests
+
+REAL_FRAMES = SHARED / "kvasir-seg" / "images"
+
+
+@pytest.fixture(scope="module")
+def real_frames() -> pd.DataFrame:
+    if not REAL_FRAMES.is_dir():
+        pytest.skip(f"real Kvasir-SEG frames not found at {REAL_FRAMES} (../shared/data is absent)")
+    paths = sorted(REAL_FRAMES.glob("*.jpg"))
+    return pd.DataFrame({"source": "kvasir-seg", "img_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+
+
+def sample_frames(n: int) -> pd.DataFrame:
+    paths = sorted((SAMPLE_DIR / "images").glob("*.jpg"))[:n]
+    return pd.DataFrame({"source": "kvasir-vqa", "img_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+
+
+def _catalog_file(tmp_path: Path, edit) -> Path:
+    import yaml
+
+    data = yaml.safe_load(DEFAULT_ARTIFACTS_PATH.read_text())
+    edit(data)
+    path = tmp_path / "artifacts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_default_catalog_has_ten_named_artifacts_on_the_authors_base():
+    catalog = load_artifact_catalog()
+    assert len(catalog.artifacts) == 10 and len({a.name for a in catalog.artifacts}) == 10
+    assert [s.transform for s in catalog.base] == ["RandomResizedCrop", "Affine", "ColorJitter"]
+    crop = catalog.base[0].init_args(576, 720)
+    assert crop["size"] == [576, 720] and crop["ratio"] == pytest.approx([0.95 * 1.25, 1.05 * 1.25])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["artifacts"][0].update(transform="MotionBlurr"), "unknown transform 'MotionBlurr'"),
+    (lambda d: d["artifacts"][1]["params"].update(radius="big"), "bad parameters for Defocus"),
+    (lambda d: d["artifacts"][0]["params"].update(blurr_limit=3), "'blurr_limit' are not valid"),
+    (lambda d: d["artifacts"][0]["params"].update(blur_limit=[3, 8]), "must be odd"),  # would be "adjusted"
+    (lambda d: d["base"][0]["params"].update(interpolation="bicubicc"), "unknown interpolation"),
+    (lambda d: d["artifacts"].append(dict(d["artifacts"][0])), "repeated: ['motion_blur']"),
+])
+def test_bad_catalog_fails_naming_the_step(tmp_path, edit, message):
+    with pytest.raises(CatalogError) as err:
+        load_artifact_catalog(_catalog_file(tmp_path, edit))
+    assert message in str(err.value)
+
+
+def _render(frames: pd.DataFrame, run_dir: Path, **kw):
+    settings = RenderSettings(load_artifact_catalog(), 42, 95, run_dir)
+    return augment_images(frames, settings, **kw)
+
+
+def test_same_bytes_twice_in_any_process_order(real_frames, tmp_path):
+    frames = pd.concat([real_frames, sample_frames(3)], ignore_index=True)
+    a, qa, figures, rendered = _render(frames, tmp_path / "a", chunk_size=3, run_chunks=run_in_processes(2))
+    assert rendered == len(a) == 10 * len(frames) and len(qa) == 0 and figures["augmented_images"] == len(frames)
+
+    def one_by_one_reversed(chunks, settings):  # another order, another chunking, in this process
+        return [render_chunk(c, settings) for c in reversed(chunks)][::-1]
+
+    b, *_ = _render(frames.iloc[::-1], tmp_path / "b", chunk_size=1, run_chunks=one_by_one_reversed)
+    pd.testing.assert_frame_equal(a, b)
+    assert {k: v for k, v in tree_digests(tmp_path / "a").items() if k.startswith("augmented/")} == \
+           {k: v for k, v in tree_digests(tmp_path / "b").items() if k.startswith("augmented/")}
+    # Same size and mode as the input; every variant differs from the others and from the input.
+    for rec in a.itertuples():
+        with Image.open(tmp_path / "a" / rec.output_path) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            assert im.size == Image.open(frames.set_index("img_id").loc[rec.img_id, "path"]).size
+    assert a["output_sha256"].nunique() == len(a)
+
+
+def test_every_variant_replays_from_its_record_alone(real_frames, tmp_path):
+    records, *_ = _render(real_frames, tmp_path, chunk_size=2, run_chunks=run_in_processes(2))
+    paths = dict(zip(real_frames["img_id"], real_frames["path"]))
+    for rec in records.itertuples():
+        replayed = replay_variant(rec.recipe, Path(paths[rec.img_id]))
+        assert replayed == (tmp_path / rec.output_path).read_bytes(), rec.output_path
+        recipe = json.loads(rec.recipe)
+        assert recipe["versions"]["albumentations"] == "2.0.8"
+        assert [s["name"] for s in recipe["steps"]][-1] == rec.artifact
+        json.dumps(recipe, allow_nan=False)  # JSON-safe: no arrays, no NaN
+
+
+def test_each_step_has_its_own_seed_and_fires_at_its_probability():
+    """The albumentations 2.0.8 trap: `Compose(seed=k)` gives every child the same generator state, so
+    children at p=0.5 fire together. Here each step is seeded on its own: over many images each fires
+    about half the time, independently of the others, and its parameters spread over their range."""
+    import albumentations as A
+
+    half = [StepSpec(name=n, transform=t, params=p, p=0.5) for n, t, p in [
+        ("rotate", "Affine", {"rotate": [-10, 10]}),
+        ("jitter", "ColorJitter", {"brightness": 0.2, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}),
+        ("gamma", "RandomGamma", {"gamma_limit": [80, 120]})]]
+    catalog = ArtifactCatalog(version=1, base=half[:2], artifacts=[half[2]])
+    pixels = np.full((24, 32, 3), 128, np.uint8)
+    n = 600
+    fired = np.zeros((n, 3), bool)
+    angles, gammas = [], []
+    for i in range(n):
+        _, applied = apply_steps(pixels, plan_recipe(catalog, 42, "s", f"img{i}", 0, 24, 32), {})
+        fired[i] = [s["fired"] for s in applied]
+        if applied[0]["fired"]:
+            angles.append(applied[0]["params"]["rotate"])
+        if applied[2]["fired"]:
+            gammas.append(applied[2]["params"]["gamma"])
+    rate = fired.mean(axis=0)
+    assert np.all(np.abs(rate - 0.5) < 0.07), rate  # ~5 sigma for n=600
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        agree = (fired[:, a] == fired[:, b]).mean()
+        assert abs(agree - 0.5) < 0.07, (a, b, agree)  # independent, not always together
+    assert min(angles) < -9 and max(angles) > 9 and abs(np.mean(angles)) < 1.5
+    assert min(gammas) < 0.82 and max(gammas) > 1.18
+    # The same children in one Compose re-seeded per image: they fire together (the trap this avoids).
+    together = 0
+    for i in range(200):
+        comp = A.Compose([A.Affine(rotate=(-10, 10), p=0.5), A.RandomGamma(p=0.5)], seed=i, save_applied_params=True)
+        names = [t for t, _ in comp(image=pixels)["applied_transforms"]]
+        together += len(names) != 1
+    assert together == 200
+
+
+def test_each_artifact_changes_the_image_weakly(real_frames):
+    """PSNR of each artifact's variant to the base-only variant (same seeds, artifact left out)."""
+    catalog = load_artifact_catalog()
+    psnr = {}
+    for row in pd.concat([real_frames, sample_frames(10)]).itertuples():
+        decoded = decode_image(Path(row.path).read_bytes(), row.img_id)
+        h, w = decoded.pixels.shape[:2]
+        for variant, artifact in enumerate(catalog.artifacts):
+            steps = plan_recipe(catalog, 42, row.source, row.img_id, variant, h, w)
+            full, _ = apply_steps(decoded.pixels, steps, {})
+            base, _ = apply_steps(decoded.pixels, steps[:-1], {})
+            mse = np.mean((full.astype(float) - base.astype(float)) ** 2)
+            assert mse > 0, f"{artifact.name} left {row.img_id} unchanged"
+            psnr.setdefault(artifact.name, []).append(10 * np.log10(255 ** 2 / mse))
+    for name, values in psnr.items():  # weak: never below 25 dB; real: a typical variant below 45 dB
+        assert min(values) >= 25 and np.median(values) <= 45, (name, values)
+
+
+def _png(mode: str, size=(64, 48)) -> bytes:
+    rng = np.random.default_rng(0)
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65535, size[::-1], dtype=np.uint16))
+    elif mode == "P":
+        im = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).quantize(16)
+    else:
+        im = Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG" if mode == "CMYK" else "PNG")
+    return buf.getvalue()
+
+
+def test_odd_modes_are_converted_and_broken_files_quarantined(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for mode in ("L", "I;16", "RGBA", "P", "CMYK", "LA"):
+        (folder / f"{mode.replace(';', '')}.img").write_bytes(_png(mode))
+    real = sorted((SAMPLE_DIR / "images").glob("*.jpg"))[0].read_bytes()
+    (folder / "truncated.img").write_bytes(real[: len(real) // 3])
+    (folder / "garbage.img").write_bytes(b"not an image at all")
+    paths = sorted(folder.glob("*.img"))
+    frames = pd.DataFrame({"source": "x", "img_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+    records, quarantine, figures, _ = _render(frames, tmp_path / "run", chunk_size=2, run_chunks=run_in_processes(1))
+    assert dict(zip(quarantine["key"], quarantine["reason"])) == {"truncated": "corrupt_image",
+                                                                   "garbage": "corrupt_image"}
+    assert figures["augmented_images"] + len(quarantine) == len(frames) == 8
+    modes = records.drop_duplicates("img_id").set_index("img_id")["mode"].to_dict()
+    assert modes == {"L": "L", "I16": "L", "LA": "L", "RGBA": "RGB", "P": "RGB", "CMYK": "RGB"}
+    for rec in records.itertuples():
+        with Image.open(tmp_path / "run" / rec.output_path) as im:
+            assert (im.size, im.mode, im.format) == ((64, 48), rec.mode, "JPEG")
+    # 16-bit input is scaled to 8 bits, not clipped to white.
+    assert 60 < decode_image(_png("I;16"), "x").pixels.mean() < 200
+
+
+def test_resume_skips_intact_variants_and_redoes_damaged_ones(real_frames, tmp_path):
+    run = tmp_path / "run"
+    first, *_ = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(2))
+    reference = tree_digests(run)
+    victims = first.iloc[[3, 17]]
+    (run / victims.iloc[0].output_path).unlink()                    # a variant that never got written
+    (run / victims.iloc[1].output_path).write_bytes(b"\xff\xd8 torn")  # a torn file from a killed worker
+    again, _, _, rendered = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(2))
+    assert rendered == 2
+    pd.testing.assert_frame_equal(first, again)
+    assert tree_digests(run) == reference
+    # Records of a chunk lost with a kill: its images' variants are rendered again, to the same bytes.
+    for f in sorted((run / "augment" / "records").glob("*.parquet"))[:1]:
+        f.unlink()
+    again, _, _, rendered = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(1))
+    assert rendered in (10, 20) and tree_digests(run) == reference
+    # A new seed re-renders everything and leaves no file of the old track behind.
+    settings = RenderSettings(load_artifact_catalog(), 7, 95, run)
+    other, _, _, rendered = augment_images(real_frames, settings, chunk_size=2, run_chunks=run_in_processes(2))
+    assert rendered == len(other) and set(other["output_sha256"]).isdisjoint(first["output_sha256"])
+    assert {str(p.relative_to(run)) for p in (run / "augmented").rglob("*.jpg")} == set(other["output_path"])
+
+
+def test_release_has_an_augmented_config_and_swift_exports(sample_run, tmp_path):
+    import datasets
+
+    report = json.loads((sample_run / "report.json").read_text())
+    assert (sample_run / report["augment"]["contact_sheet"]).is_file()
+    with Image.open(sample_run / report["augment"]["contact_sheet"]) as sheet:
+        assert sheet.format == "PNG" and sheet.width > 10 * 160
+    base = datasets.load_dataset(str(sample_run / "release"), cache_dir=str(tmp_path / "c1"))
+    aug = datasets.load_dataset(str(sample_run / "release"), "augmented", cache_dir=str(tmp_path / "c2"))
+    assert set(aug) == {"train", "test"}
+    for split in ("train", "test"):
+        assert len(aug[split]) == 10 * len(base[split])
+        df = aug[split].remove_columns("image").to_pandas()
+        assert set(df.groupby("qa_id")["variant"].apply(tuple)) == {tuple(range(10))}
+        assert set(df["qa_id"]) == set(base[split]["qa_id"])
+    row = aug["test"][0]
+    records = pd.read_parquet(sample_run / "stages" / "augmentations.parquet").set_index(["img_id", "variant"])
+    rec = records.loc[(row["img_id"], row["variant"])]
+    assert row["artifact"] == rec["artifact"]
+    assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(sample_run / rec["output_path"])))
+    # ms-swift JSONL for both tracks, one line per pair, images that exist.
+    for track, factor in (("original", 1), ("augmented", 10)):
+        for split in ("train", "test"):
+            lines = (sample_run / "export" / "swift" / f"{track}-{split}.jsonl").read_text().splitlines()
+            assert len(lines) == factor * len(base[split])
+            first = json.loads(lines[0])
+            assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+            assert first["messages"][0]["content"].startswith("<image>") and Path(first["images"][0]).is_file()
+    card = (sample_run / "release" / "README.md").read_text()
+    assert "config_name: augmented" in card and "## Augmented track" in card
+
+
+def test_augment_track_flow_runs_alone(tmp_path):
+    from conftest import copy_sample, run_cli, write_config
+
+    csv_path, images = copy_sample(tmp_path / "sample")
+    for p in sorted(images.glob("*.jpg"))[6:]:
+        p.unlink()
+    cfg = write_config(tmp_path / "a.yaml", csv_path, images, run_name="alone",
+                       augment={"workers": 2, "chunk_size": 2})
+    proc = run_cli("augment", "--config", str(cfg))
+    run = tmp_path / "runs" / "alone"
+    records = pd.read_parquet(run / "stages" / "augmentations.parquet")
+    assert len(records) == 60 and "60 variants of 6 images" in proc.stdout
+    assert (run / "augment" / "contact-sheet.png").is_file()
