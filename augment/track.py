@@ -186,7 +186,7 @@ def run_in_processes(workers: int) -> ChunkRunner:
     return run
 
 
-def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 16,
+def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8,
                    run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
     """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
 

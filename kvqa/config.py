@@ -116,7 +116,7 @@ class AugmentConfig(_Strict):
     catalog: Path = Path(__file__).resolve().parent.parent / "augment" / "artifacts.yaml"
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     workers: int = Field(default=0, ge=0)  # processes; 0 = one per core
-    chunk_size: int = Field(default=16, gt=0)  # images per task
+    chunk_size: int = Field(default=8, gt=0)  # images per task
     contact_sheet_images: int = Field(default=4, ge=0)
 
 

@@ -28,5 +28,6 @@ def upload_release(folder: Path, repo_id: str, *, private: bool = False, endpoin
     api = HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
-                             commit_message=commit_message, allow_patterns=["README.md", "data/*.parquet"])
+                             commit_message=commit_message,
+                             allow_patterns=["README.md", "data/*.parquet", "augmented/*.parquet"])
     return str(info)

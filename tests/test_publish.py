@@ -19,7 +19,8 @@ def test_publish_uploads_the_release_and_never_prints_the_token(sample_run, tmp_
                        "--output-root", str(sample_run.parent),
                        env={"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0"})
     assert hub.requests[0] == "/api/repos/create"
-    assert hub.validated_headers and hub.validated_headers[0]["configs"][0]["config_name"] == "default"
+    assert hub.validated_headers and [c["config_name"] for c in hub.validated_headers[0]["configs"]] == \
+        ["default", "augmented"]
     assert tree_digests(tmp_path / "hub" / "kvqa-org" / "kvqa-sample") == tree_digests(sample_run / "release")
     assert all(h == f"Bearer {TOKEN}" for h in hub.auth_headers)
     assert TOKEN not in proc.stdout + proc.stderr
