@@ -9,6 +9,13 @@ locations are the 3x3 grid cells an object covers, counts are the objects drawn.
 reproduced on purpose (`; ` and `;` joins in any order, `lower-rigth`, `>20`, the dropped "easy to
 detect" question, `none` rows with an empty answer, one row per polyp) so the sample exercises the parser.
 
+A second, smaller part (`hyper-kvasir/`) is laid out like the HyperKvasir download: `image-labels.csv`
+(`Video file,Organ,Finding,Classification`), `folders.json`, `bounding-boxes.json` (polyp boxes computed
+from the drawn lesions) and the images in `labeled-images/<tract>/<classification>/<finding>/<id>.jpg`, one
+or two frames per finding of the 23. Its deliberate faults exercise the quarantine: a short row, a
+duplicated id, an organ that contradicts the finding, a labelled image whose file is absent, a box outside
+its image and boxes of an image with no label row.
+
 Run `python -m data.make_sample` (or `kvqa make-sample`) to rewrite `data/sample/`.
 """
 
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,8 +260,107 @@ def make_frame(seed: int, index: int, category: str) -> Frame:
     return Frame(img_id, category, buf.getvalue(), [kept[i] for i in order])
 
 
+# HyperKvasir's 23 labelled folders: (tract folder, classification, finding as in the CSV, folder name).
+HK_FINDINGS = [
+    ("lower-gi-tract", "anatomical-landmarks", f, f) for f in ("cecum", "ileum", "retroflex-rectum")
+] + [
+    ("lower-gi-tract", "pathological-findings", f, "polyp" if f == "polyps" else f)
+    for f in ("hemorrhoids", "polyps", "ulcerative-colitis-grade-0-1", "ulcerative-colitis-grade-1",
+              "ulcerative-colitis-grade-1-2", "ulcerative-colitis-grade-2", "ulcerative-colitis-grade-2-3",
+              "ulcerative-colitis-grade-3")
+] + [
+    ("lower-gi-tract", "quality-of-mucosal-views", f, f) for f in ("bbps-0-1", "bbps-2-3", "impacted-stool")
+] + [
+    ("lower-gi-tract", "therapeutic-interventions", f, f) for f in ("dyed-lifted-polyps", "dyed-resection-margins")
+] + [
+    ("upper-gi-tract", "anatomical-landmarks", f, f) for f in ("pylorus", "retroflex-stomach", "z-line")
+] + [
+    ("upper-gi-tract", "pathological-findings", f, f)
+    for f in ("barretts", "barretts-short-segment", "esophagitis-a", "esophagitis-b-d")
+]
+HK_TWICE = {"polyps", "bbps-2-3", "ulcerative-colitis-grade-2", "dyed-lifted-polyps"}
+ORGAN = {"lower-gi-tract": "Lower GI", "upper-gi-tract": "Upper GI"}
+
+
+def hk_id_for(seed: int, index: int) -> str:
+    """A HyperKvasir-like UUID."""
+    h = stable_hash(seed, "sample-hk-image", index)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def mask_box(mask: np.ndarray) -> dict:
+    """The HyperKvasir box convention: one pixel outside the object on each side, clipped to the image."""
+    ys, xs = np.nonzero(mask)
+    return {"label": "polyp", "xmin": max(int(xs.min()) - 1, 0), "ymin": max(int(ys.min()) - 1, 0),
+            "xmax": min(int(xs.max()) + 1, WIDTH), "ymax": min(int(ys.max()) + 1, HEIGHT)}
+
+
+def make_hk_frame(seed: int, index: int, tract: str, finding: str) -> tuple[bytes, list[dict]]:
+    """A frame drawn for a HyperKvasir finding; returns (JPEG bytes, polyp boxes)."""
+    rng = rng_for(seed, "sample-hk-frame", index)
+    arr = mucosa(rng, (215, 135, 125) if tract == "upper-gi-tract" else (205, 120, 112))
+    boxes = []
+    if finding in ("polyps", "dyed-lifted-polyps"):
+        colour = (230, 140, 135) if finding == "polyps" else (120, 130, 210)  # indigo carmine under the lift
+        for _ in range(1 if rng.random() < 0.7 else 2):
+            r = float(rng.uniform(10, 36))
+            cx, cy = rng.uniform(0.2, 0.8) * WIDTH, rng.uniform(0.2, 0.8) * HEIGHT
+            boxes.append(mask_box(draw_blob(arr, cx, cy, r, r * float(rng.uniform(0.7, 1.0)), colour)))
+    elif finding.startswith("ulcerative-colitis"):
+        draw_patches(arr, rng, int(rng.integers(3, 9)), (170, 40, 45), (0.1, 0.1, 0.9, 0.9))
+    elif finding.startswith("esophagitis") or finding.startswith("barretts"):
+        draw_patches(arr, rng, int(rng.integers(2, 5)), (185, 60, 50), (0.25, 0.45, 0.75, 0.85))
+    elif finding in ("bbps-0-1", "impacted-stool"):
+        draw_patches(arr, rng, 6 if finding == "bbps-0-1" else 3, (120, 90, 40), (0.1, 0.1, 0.9, 0.9))
+    elif finding == "dyed-resection-margins":
+        draw_patches(arr, rng, 2, (110, 120, 200), (0.3, 0.3, 0.7, 0.7))
+    elif finding == "hemorrhoids":
+        draw_patches(arr, rng, 3, (140, 50, 90), (0.2, 0.5, 0.8, 0.9))
+    canvas = Image.fromarray(np.uint8(np.clip(arr, 0, 255)))
+    if finding.startswith("retroflex"):  # the scope seen from inside, looking back
+        ImageDraw.Draw(canvas).ellipse([WIDTH * 0.4, HEIGHT * 0.45, WIDTH * 0.62, HEIGHT * 0.72], fill=(40, 40, 45))
+    overlay_text_and_box(canvas, rng, bool(rng.random() < 0.6), bool(rng.random() < 0.4))
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=88)
+    return buf.getvalue(), boxes
+
+
+def write_hyperkvasir_sample(out_dir: Path, seed: int) -> None:
+    """`hyper-kvasir/`: labels, folders, boxes and the 23-folder image tree, with deliberate faults."""
+    rows, boxes, index = [], {}, 0
+    for tract, classification, finding, folder in HK_FINDINGS:
+        for _ in range(2 if finding in HK_TWICE else 1):
+            img_id = hk_id_for(seed, index)
+            jpeg, polyp_boxes = make_hk_frame(seed, index, tract, finding)
+            index += 1
+            rows.append([img_id, ORGAN[tract], finding, classification])
+            if polyp_boxes and finding == "polyps":  # the segmented images are the polyp folder's
+                boxes[img_id] = {"height": HEIGHT, "width": WIDTH, "bbox": polyp_boxes}
+            if finding != "hemorrhoids":  # this labelled image's file is missing
+                path = out_dir / "labeled-images" / tract / classification / folder / f"{img_id}.jpg"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(jpeg)
+    rows.insert(5, [rows[2][0], rows[2][1], rows[2][2], rows[2][3]])        # duplicated id
+    rows.append([hk_id_for(seed, 900), "Upper GI", "cecum", "anatomical-landmarks"])  # organ contradicts finding
+    rows.append([hk_id_for(seed, 901), "Lower GI", "polyps"])               # a short row
+    bad = [k for k, entry in boxes.items() if len(entry["bbox"]) == 1][0]
+    boxes[bad]["bbox"].append({"label": "polyp", "xmin": 350, "ymin": 300, "xmax": 420, "ymax": 330})  # off the image
+    boxes[hk_id_for(seed, 902)] = {"height": HEIGHT, "width": WIDTH,      # boxes without a label row
+                                   "bbox": [{"label": "polyp", "xmin": 10, "ymin": 10, "xmax": 60, "ymax": 50}]}
+    with atomic_path(out_dir / "image-labels.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["Video file", "Organ", "Finding", "Classification"])
+            w.writerows(rows)
+    with atomic_path(out_dir / "folders.json") as tmp:
+        tmp.write_text(json.dumps([f"labeled-images/{t}/{c}/{d}" for t, c, _, d in HK_FINDINGS]) + "\n")
+    with atomic_path(out_dir / "bounding-boxes.json") as tmp:
+        tmp.write_text(json.dumps(boxes, indent=1) + "\n")
+
+
 def write_sample(out_dir: Path = SAMPLE_DIR, seed: int = 2026) -> Path:
-    """Write `metadata.csv` and `images/<img_id>.jpg`; same seed -> same bytes."""
+    """Write `metadata.csv`, `images/<img_id>.jpg` and `hyper-kvasir/`; same seed -> same bytes."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     frames, index = [], 0
@@ -271,6 +378,7 @@ def write_sample(out_dir: Path = SAMPLE_DIR, seed: int = 2026) -> Path:
     for fr in frames:
         with atomic_path(out_dir / "images" / f"{fr.img_id}.jpg") as tmp:
             tmp.write_bytes(fr.jpeg)
+    write_hyperkvasir_sample(out_dir / "hyper-kvasir", seed)
     return out_dir
 
 

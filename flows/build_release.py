@@ -20,6 +20,7 @@ from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceT
                    cross_split_leakage, deduplicate, question_vectors)
 from flows.augment_track import augment_track
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
+from flows.run_state import class_additions, record_run
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
@@ -38,12 +39,13 @@ QUARANTINE_FILES = ["stages/quarantine_sources.parquet", "stages/quarantine_gene
 
 @task(cache_policy=NONE)
 def plan_pairs(cfg: Config, run_dir: Path) -> dict:
+    added = class_additions(run_dir)
     key = {"code": code_version("generate"), "plans": cfg.plans.model_dump(mode="json"), "seed": cfg.seed,
-           "inputs": digests(run_dir, "stages/facts.parquet")}
+           "added_classes": list(added), "inputs": digests(run_dir, "stages/facts.parquet")}
 
     def build():
         facts = read_table(run_dir / "stages/facts.parquet")
-        plans = compose_plans(facts, cfg.plans, cfg.seed)
+        plans = compose_plans(facts, cfg.plans, cfg.seed, added)
         reconcile("level-1 plans vs facts", len(facts), int((plans["complexity"] == 1).sum()))
         write_table(plans, run_dir / "stages/plans.parquet")
         levels = {int(k): int(v) for k, v in plans["complexity"].value_counts().sort_index().items()}
@@ -128,7 +130,7 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
         qa = read_table(run_dir / "stages/qa_dedup.parquet")
         images = read_table(run_dir / "stages/images.parquet")
         usable = (qa[["source", "img_id", "source_label"]].drop_duplicates()
-                  .merge(images[["source", "img_id"]], on=["source", "img_id"]))
+                  .merge(images[["source", "img_id", "sha256"]], on=["source", "img_id"]))
         splits = assign_splits(usable, cfg.split.test_fraction, cfg.seed)
         write_table(splits, run_dir / "stages/splits.parquet")
         return ({"images": {str(k): int(v) for k, v in splits["split"].value_counts().sort_index().items()}},
@@ -170,7 +172,7 @@ def write_hub_release(cfg: Config, run_dir: Path, config_text: str, dedup_figure
         card, counts = render_card(
             release_dir, files, pretty_name=cfg.publish.pretty_name, license=cfg.publish.license,
             sources=[{"name": s.name, "kind": s.kind, "license": s.license} for s in cfg.sources],
-            generator=str(qa["generator_version"].iloc[0]) if len(qa) else "none",
+            generator=(", ".join(sorted(qa["generator"].unique())) + f"; catalog {load_catalog(cfg.catalog).template_version}"),
             config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
             augmented_files=augmented, augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base))
         write_text(card, release_dir / "README.md")
@@ -196,7 +198,8 @@ def export_swift(cfg: Config, run_dir: Path) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         rows = release_rows(qa, splits, images)
         lines = write_swift_jsonl(rows, out, "original")
-        lines |= write_swift_jsonl(augmented_rows(rows, augmentations, run_dir), out, "augmented")
+        if len(augmentations):
+            lines |= write_swift_jsonl(augmented_rows(rows, augmentations, run_dir), out, "augmented")
         return {"lines": lines}, [f"export/swift/{name}" for name in lines]
 
     return cached_stage(run_dir, "export", key, build)
@@ -210,7 +213,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     config_text = Path(config_path or SAMPLE_CONFIG_PATH).read_text()
     run_dir = Path(cfg.run_dir)
     (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    report = {"run_name": cfg.run_name, "seed": cfg.seed}
+    record_run(run_dir, Path(config_path or SAMPLE_CONFIG_PATH))
+    report = {"run_name": cfg.run_name, "seed": cfg.seed, "added_classes": list(class_additions(run_dir))}
     report["sources"] = parse_sources(cfg, run_dir)
     report["plans"] = plan_pairs(cfg, run_dir)
     report["generate"] = realize_pairs(cfg, run_dir)

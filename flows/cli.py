@@ -53,7 +53,7 @@ def _checked_config(config: Optional[Path], output_root: Optional[Path]):
         load_artifact_catalog(cfg.augment.catalog)
     except (ValidationError, ValueError, CatalogError, OSError) as err:
         fail(f"invalid config {config or '(embedded sample)'}:\n{err}")
-    missing = [str(p) for s in cfg.sources for p in (s.metadata_csv, s.image_dir) if not p.exists()]
+    missing = [str(p) for s in cfg.sources for p in (*s.label_files, s.image_dir) if not p.exists()]
     if missing:
         fail(f"input not found: {', '.join(missing)}")
     return cfg
@@ -69,7 +69,7 @@ def summarise(report: dict) -> str:
     s, g, d = report["sources"], report["generate"], report["dedup"]
     rows = report["release"]["rows"]
     lines = [f"run {report['run_name']}: release in {report['release_dir']}",
-             f"  label rows {s['rows_read']:,} -> facts {s['facts']:,} ({s['quarantined']:,} rows quarantined)",
+             f"  label rows and boxes {s['rows_read']:,} -> facts {s['facts']:,} ({s['quarantined']:,} quarantined)",
              f"  plans {report['plans']['plans']:,} -> QA {g['qa']:,} ({g['rejected']:,} rejected)"
              + (f" -> after dedup {d['rows_kept']:,} ({d['rows_removed']:,} duplicates)" if "rows_kept" in d else ""),
              f"  images {report['images']['usable']:,} usable, {report['images']['quarantined']:,} quarantined",
@@ -100,6 +100,29 @@ def augment(config: Optional[Path] = typer.Option(None, "--config", "-c", exists
     typer.echo(f"run {cfg.run_name}: {summary['variants']:,} variants of {summary['augmented_images']:,} images "
                f"in {cfg.run_dir / 'augmented'} ({summary['quarantined']} images quarantined); "
                f"contact sheet {cfg.run_dir / str(summary['contact_sheet'])}")
+
+
+@app.command("add-class")
+def add_class(name: str = typer.Argument(..., help="the catalog class to add (its entry must be in the catalog)"),
+              run: str = typer.Option(..., "--run", help="run name (under --output-root) or run folder"),
+              config: Optional[Path] = typer.Option(None, "--config", "-c", exists=True, dir_okay=False,
+                                                    help="run config (default: the one the run was built from)"),
+              output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
+    """Add a new question class's pairs to a built run; existing rows stay byte-identical."""
+    _logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flows.add_class import AddClassError, add_question_class, check_addition
+
+    try:
+        check_addition(name, run, str(config) if config else None, str(output_root) if output_root else None)
+        added = add_question_class(name, run, str(config) if config else None,
+                                   str(output_root) if output_root else None)
+    except AddClassError as err:
+        fail(str(err))
+    levels = ", ".join(f"level {k}: {v:,}" for k, v in added["rows_added_per_level"].items())
+    typer.echo(f"added {name} to run {added['run']}: {added['facts_added']:,} facts, {levels}; release rows "
+               f"{added['release_rows_before']:,} -> {added['release_rows_after']:,} (existing rows unchanged)\n"
+               + summarise(added["report"]))
 
 
 @app.command()

@@ -15,8 +15,8 @@ from prefect.cache_policies import NONE
 from flows.stage_cache import cached_stage, code_version, digests
 from kvqa.catalog import load_catalog
 from kvqa.config import Config
-from kvqa.tables import file_digest, read_table, write_table
-from sources import read_sources
+from kvqa.tables import file_digest, read_table, stable_hash, write_table
+from sources import read_sources, units_in_facts
 from sources.images import inventory_images
 
 
@@ -37,12 +37,12 @@ def by_reason(q: pd.DataFrame) -> dict[str, int]:
 def parse_sources(cfg: Config, run_dir: Path) -> dict:
     catalog = load_catalog(cfg.catalog)
     key = {"code": code_version("sources"), "sources": [s.model_dump(mode="json") for s in cfg.sources],
-           "inputs": [file_digest(Path(s.metadata_csv)) for s in cfg.sources],
+           "inputs": [input_digest(Path(p)) for s in cfg.sources for p in s.label_files],
            "catalog": catalog.digest}
 
     def build():
         parsed = read_sources(cfg.sources, catalog)
-        in_facts = int(parsed.facts["source_rows"].map(len).sum())
+        in_facts = units_in_facts(parsed.facts)
         reconcile("label rows", parsed.rows_read, in_facts, len(parsed.quarantine))
         write_table(parsed.facts, run_dir / "stages/facts.parquet")
         write_table(parsed.quarantine, run_dir / "stages/quarantine_sources.parquet")
@@ -53,13 +53,20 @@ def parse_sources(cfg: Config, run_dir: Path) -> dict:
     return cached_stage(run_dir, "sources", key, build)
 
 
+def input_digest(path: Path) -> str:
+    """A label file's digest, or for a folder of label files (masks) the digest of every file in it."""
+    if path.is_dir():
+        return stable_hash(*(f"{p.name}:{file_digest(p)}" for p in sorted(path.iterdir()) if p.is_file()))
+    return file_digest(path)
+
+
 def image_listing(cfg: Config) -> list[str]:
     """Names, sizes and mtimes of the image folders: a cheap key; content hashes go into the table."""
     out = []
     for s in cfg.sources:
         d = Path(s.image_dir)
-        files = sorted(d.iterdir()) if d.is_dir() else []
-        out.append(f"{s.name}:{d}:" + ",".join(f"{p.name}/{p.stat().st_size}/{p.stat().st_mtime_ns}"
+        files = (sorted(d.rglob("*")) if s.recursive_images else sorted(d.iterdir())) if d.is_dir() else []
+        out.append(f"{s.name}:{d}:" + ",".join(f"{p.relative_to(d)}/{p.stat().st_size}/{p.stat().st_mtime_ns}"
                                                for p in files if p.is_file()))
     return out
 

@@ -56,9 +56,8 @@ class RealizerBackend(Protocol):
 
     name: str
 
-    @property
-    def version(self) -> str:
-        """Prompt or template version recorded in every row's provenance."""
+    def version_for(self, classes: Sequence[str]) -> str:
+        """Prompt or template version recorded in the provenance of a row asking these classes."""
         ...
 
     def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:

@@ -176,6 +176,9 @@ class GroundingChecker:
                 if not rules.values[v].search(a):
                     return f"{v!r} is not stated"
         affirmative = " | ".join(c for c in clauses(a) if not NEGATION.search(c))
+        for v in values:  # a stated value's words are not another value ("short-segment barrett's" != "barrett's")
+            if v != "none":
+                affirmative = rules.values[v].sub(" ", affirmative)
         for v in qc.values:
             if v == "none" or v in values or v in others:
                 continue

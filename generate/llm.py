@@ -187,8 +187,7 @@ class LLMRealizer:
         self.verify = load_prompt("verify")
         self.naturalize = load_prompt("naturalize")
 
-    @property
-    def version(self) -> str:
+    def version_for(self, classes: Sequence[str]) -> str:
         return self.compose.version_tag
 
     def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:

@@ -45,20 +45,20 @@ def choose_combinations(n_facts: int, k: int, want: int, seed: int, *key: object
     return [all_combos[i] for i in sorted(picked)]
 
 
-def compose_plans(facts: pd.DataFrame, config: PlanConfig, seed: int) -> pd.DataFrame:
+def compose_plans(facts: pd.DataFrame, config: PlanConfig, seed: int,
+                  added_classes: tuple[str, ...] = ()) -> pd.DataFrame:
     """Level-1 plans for every fact plus seeded level-2/3 combinations per image.
 
     `facts` must be in catalog order within each image (as `sources` writes it), which fixes the index
-    space the combinations are drawn from.
+    space the combinations are drawn from. `added_classes` are classes added to a built run with
+    `kvqa add-class`, in the order they were added: the base plans are drawn without them, exactly as
+    before they existed, and each added class then gets its own plans on top (`add_class_plans`), so
+    adding a class never changes a plan that existed.
     """
+    added = set(added_classes)
+    base = facts[~facts["question_class"].isin(added)]
     rows: list[tuple] = []
-    grouped: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
-    for source, img_id, fid, cls in zip(facts["source"], facts["img_id"], facts["fact_id"],
-                                        facts["question_class"]):
-        ids, classes = grouped.setdefault((source, img_id), ([], []))
-        ids.append(fid)
-        classes.append(cls)
-    for (source, img_id), (ids, classes) in sorted(grouped.items()):
+    for (source, img_id), (ids, classes) in sorted(_by_image(base).items()):
         for fid, cls in zip(ids, classes):
             rows.append((plan_id(source, img_id, [cls]), source, img_id, 1, [fid]))
         for k, ratio in config.level_ratios.items():
@@ -66,4 +66,35 @@ def compose_plans(facts: pd.DataFrame, config: PlanConfig, seed: int) -> pd.Data
             for combo in choose_combinations(len(ids), k, want, seed, source, img_id):
                 rows.append((plan_id(source, img_id, [classes[i] for i in combo]), source, img_id, k,
                              [ids[i] for i in combo]))
+    known = base
+    for cls in added_classes:
+        new = facts[facts["question_class"] == cls]
+        rows += add_class_plans(new, known, config, seed)
+        known = pd.concat([known, new])
     return pd.DataFrame(rows, columns=PLAN_COLUMNS)
+
+
+def _by_image(facts: pd.DataFrame) -> dict[tuple[str, str], tuple[list[str], list[str]]]:
+    grouped: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+    for source, img_id, fid, cls in zip(facts["source"], facts["img_id"], facts["fact_id"],
+                                        facts["question_class"]):
+        ids, classes = grouped.setdefault((source, img_id), ([], []))
+        ids.append(fid)
+        classes.append(cls)
+    return grouped
+
+
+def add_class_plans(new: pd.DataFrame, known: pd.DataFrame, config: PlanConfig, seed: int) -> list[tuple]:
+    """Plans of one added class: its level-1 plans, and per fact round(ratio) level-k combinations of the
+    fact with k-1 facts the image already had, drawn by hash of (seed, source, img_id, k, class)."""
+    known_by_image = _by_image(known)
+    rows = []
+    for source, img_id, fid, cls in sorted(zip(new["source"], new["img_id"], new["fact_id"], new["question_class"]),
+                                           key=lambda r: (r[0], r[1])):
+        rows.append((plan_id(source, img_id, [cls]), source, img_id, 1, [fid]))
+        ids, classes = known_by_image.get((source, img_id), ([], []))
+        for k, ratio in config.level_ratios.items():
+            for combo in choose_combinations(len(ids), k - 1, round(ratio), seed, source, img_id, "add", cls):
+                rows.append((plan_id(source, img_id, [*(classes[i] for i in combo), cls]), source, img_id, k,
+                             [*(ids[i] for i in combo), fid]))
+    return rows

@@ -14,8 +14,9 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 | original | str | JSON list `[{"q": verbatim atomic question, "a": atomic answer}]`, in question order |
 | question_class | list[str] | one class per atomic pair, in question order |
 | generator | str | backend name (`template`, `openai:MODEL`, ...) |
-| generator_version | str | template or prompt version and hash |
+| generator_version | str | prompt version and hash (LLM), or catalog version + hash of the row's class entries (template) |
 | prompt_hash | str | hash of the rendered prompt of this row (LLM backends; empty for templates) |
+| boxes | list[struct] | the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax; empty when none) |
 
 Every realised pair goes through the grounding check, then the backend's review (LLM judge, paraphrases).
 Rejected plans go to the quarantine table with their reason: plans = QA rows + rejected, always, where
@@ -36,10 +37,10 @@ from generate.grounding import GroundingChecker
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig
-from kvqa.tables import quarantine_frame
+from kvqa.tables import plain_boxes, quarantine_frame
 
 QA_COLUMNS = ["qa_id", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
-              "question_class", "generator", "generator_version", "prompt_hash"]
+              "question_class", "generator", "generator_version", "prompt_hash", "boxes"]
 STAGE = "generate"
 
 
@@ -76,17 +77,28 @@ def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:
             for p in plans.itertuples(index=False)]
 
 
-def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, qa_id: str, question: str) -> tuple:
+def fact_boxes(facts: pd.DataFrame) -> dict[str, list[dict]]:
+    """fact_id -> its boxes as plain dicts (parquet hands back arrays of numpy-typed structs)."""
+    return {fid: plain_boxes(boxes) for fid, boxes in zip(facts["fact_id"], facts["boxes"]) if len(boxes)}
+
+
+def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, qa_id: str, question: str,
+         boxes: dict[str, list[dict]]) -> tuple:
     asked = [plan.facts[i] for i in res.order]
     original = json.dumps([{"q": f.source_question, "a": f.source_answer} for f in asked], ensure_ascii=False)
+    row_boxes = []
+    for f in asked:
+        row_boxes += [b for b in boxes.get(f.fact_id, []) if b not in row_boxes]
     return (qa_id, plan.source, plan.img_id, label, plan.complexity, question, res.answer, original,
-            [f.question_class for f in asked], backend.name, backend.version, res.prompt_hash)
+            [f.question_class for f in asked], backend.name,
+            backend.version_for([f.question_class for f in asked]), res.prompt_hash, row_boxes)
 
 
 def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBackend, checker: GroundingChecker,
                   batch_size: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Realise, ground-check and review all plans in batches; return (qa rows, quarantined plans)."""
     labels = dict(zip(zip(facts["source"], facts["img_id"]), facts["source_label"]))
+    boxes = fact_boxes(facts)
     inputs = plan_inputs(plans, facts)
     rows, rejected = [], []
 
@@ -116,8 +128,8 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
                     reject(plan, res)
                     continue
                 label = labels[(plan.source, plan.img_id)]
-                rows.append(_row(plan, res, label, backend, plan.plan_id, res.question))
-                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", q)
+                rows.append(_row(plan, res, label, backend, plan.plan_id, res.question, boxes))
+                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", q, boxes)
                          for i, q in enumerate(res.variants, 1)]
             bar.update(len(batch))
     qa = pd.DataFrame(rows, columns=QA_COLUMNS)

@@ -86,9 +86,9 @@ class TemplateRealizer:
         self.catalog = catalog
         self.seed = seed
 
-    @property
-    def version(self) -> str:
-        return self.catalog.template_version
+    def version_for(self, classes: Sequence[str]) -> str:
+        # Only the entries a row was realised from: adding a class must not change the other rows.
+        return self.catalog.classes_version(classes)
 
     def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:
         return [self.realize_one(p) for p in plans]

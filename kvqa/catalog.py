@@ -10,6 +10,7 @@ import hashlib
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,10 +52,44 @@ class PolarityCue(BaseModel):
     affirmative: str
 
 
+class LabelFeed(BaseModel):
+    """A field of a per-image label file (HyperKvasir `image-labels.csv`) feeds this class.
+
+    Each label row whose `field` takes a value named in `map` gives a fact with the mapped value; rows with
+    other values give none, unless `default` is set. `when` restricts the feed to rows whose fields take
+    one of the listed values (e.g. a retroflex "no" only for anatomical-landmark images).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["label"] = "label"
+    field: str
+    map: dict[str, str] = Field(min_length=1)
+    default: str | None = None
+    when: dict[str, list[str]] = Field(default_factory=dict)
+
+
+BOX_DERIVATIONS = {"count": {AnswerType.count}, "location": {AnswerType.location},
+                   "relative_size": {AnswerType.multi_choice}, "presence": {AnswerType.yes_no}}
+
+
+class BoxFeed(BaseModel):
+    """The boxes of one label (`polyp`, `instrument`) feed this class; `derive` says how (sources/boxes.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["boxes"] = "boxes"
+    label: str
+    derive: Literal["count", "location", "relative_size", "presence"]
+
+
+Feed = Annotated[LabelFeed | BoxFeed, Field(discriminator="kind")]
+RELATIVE_SIZES = ("small", "medium", "large")
+
+
 class QuestionClass(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    source_questions: list[str]
+    source_questions: list[str] = Field(default_factory=list)
+    feeds: list[Feed] = Field(default_factory=list)
     answer_type: AnswerType
     values: dict[str, ValueSpec] = Field(default_factory=dict)
     noun: list[str] | None = None
@@ -85,7 +120,32 @@ class QuestionClass(BaseModel):
         empty = [k for k, v in self.answers.items() if not v]
         if empty:
             raise ValueError(f"class {self.name!r}: empty answer template lists {empty}")
+        if not self.source_questions and not self.feeds:
+            raise ValueError(f"class {self.name!r}: needs source_questions (Kvasir-VQA) or feeds (label fields, boxes)")
+        self._check_feeds()
         return self
+
+    def _check_feeds(self) -> None:
+        for feed in self.feeds:
+            if isinstance(feed, LabelFeed):
+                mapped = [*feed.map.values(), *([feed.default] if feed.default else [])]
+                bad = [v for v in mapped if v not in self.values] if self.answer_type != AnswerType.count \
+                    else [v for v in mapped if not v.isdigit()]
+                if bad:
+                    raise ValueError(f"class {self.name!r}: feed of {feed.field!r} maps to values outside the "
+                                     f"vocabulary: {bad}")
+            elif self.answer_type not in BOX_DERIVATIONS[feed.derive]:
+                raise ValueError(f"class {self.name!r}: derive {feed.derive!r} needs answer type "
+                                 f"{sorted(BOX_DERIVATIONS[feed.derive])}, not {self.answer_type}")
+            elif feed.derive == "relative_size" and not set(RELATIVE_SIZES) <= set(self.values):
+                raise ValueError(f"class {self.name!r}: relative_size needs the values {list(RELATIVE_SIZES)}")
+            elif feed.derive == "presence" and set(self.values) != {"yes", "no"}:
+                raise ValueError(f"class {self.name!r}: presence needs the values yes and no")
+
+    @property
+    def atomic_question(self) -> str:
+        """The verbatim atomic question of the `original` column: the source's, else the first phrasing."""
+        return self.source_questions[0] if self.source_questions else self.questions[0]
 
     @cached_property
     def lookup(self) -> dict[str, str]:
@@ -138,6 +198,11 @@ class Catalog(BaseModel):
     @cached_property
     def class_by_question(self) -> dict[str, QuestionClass]:
         return {q.strip(): qc for qc in self.classes.values() for q in qc.source_questions}
+
+    def classes_version(self, names) -> str:
+        """Catalog version plus a hash of just these classes' entries: a row's template provenance."""
+        entries = (self.classes[n].model_dump_json() for n in sorted(set(names)))
+        return f"catalog-v{self.version}+{hashlib.sha256(chr(31).join(entries).encode()).hexdigest()[:12]}"
 
     @property
     def template_version(self) -> str:

@@ -22,18 +22,81 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+
+
 class KvasirVQASource(_Strict):
     """A Kvasir-VQA metadata CSV (`source,question,answer,img_id`) and the folder of its `<img_id>.jpg`."""
 
     kind: Literal["kvasir_vqa"] = "kvasir_vqa"
-    name: str = Field(default="kvasir-vqa", pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    name: str = Field(default="kvasir-vqa", pattern=SOURCE_NAME)
     metadata_csv: Path
     image_dir: Path
     license: str = "CC BY-NC 4.0"
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+    recursive_images: bool = False  # search image_dir's subfolders too
+
+    @property
+    def label_files(self) -> list[Path]:
+        return [self.metadata_csv]
 
 
-SourceConfig = Annotated[KvasirVQASource, Field(discriminator="kind")]
+class HyperKvasirSource(_Strict):
+    """HyperKvasir labeled images: `image-labels.csv` (one row per image), optionally the download's
+    `folders.json` (checks each row's organ/classification/finding against the 23 folders) and the
+    segmented images' `bounding-boxes.json` (polyp boxes keyed by the same ids). Images are searched in
+    `image_dir` and its subfolders (the download's layout or a flat folder)."""
+
+    kind: Literal["hyperkvasir"] = "hyperkvasir"
+    name: str = Field(default="hyper-kvasir", pattern=SOURCE_NAME)
+    labels_csv: Path
+    folders_json: Path | None = None
+    boxes_json: Path | None = None
+    box_labels: tuple[str, ...] = ("polyp",)  # labels the boxes file annotates exhaustively
+    image_dir: Path
+    license: str = "CC BY 4.0"
+    image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+    recursive_images: bool = True
+
+    @property
+    def label_files(self) -> list[Path]:
+        return [p for p in (self.labels_csv, self.folders_json, self.boxes_json) if p is not None]
+
+
+class BoxesSource(_Strict):
+    """Images whose only labels are boxes: a JSON file in the HyperKvasir/Kvasir-Instrument schema
+    (`boxes_json`) or a folder of binary masks whose connected components are the boxes (`masks_dir`,
+    Kvasir-SEG). `box_labels` are the labels annotated exhaustively (every image of the file has all its
+    boxes of those labels, so "no box" means zero)."""
+
+    kind: Literal["boxes"] = "boxes"
+    name: str = Field(pattern=SOURCE_NAME)
+    boxes_json: Path | None = None
+    masks_dir: Path | None = None
+    mask_label: str = "polyp"  # the label of mask components
+    min_mask_area: int = Field(default=50, ge=1)  # smaller components are mask noise, not objects
+    box_labels: tuple[str, ...]
+    image_label: str  # the category of every image (split stratum), e.g. "instrument"
+    image_dir: Path
+    license: str = "CC BY 4.0"
+    image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+    recursive_images: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "BoxesSource":
+        if (self.boxes_json is None) == (self.masks_dir is None):
+            raise ValueError(f"source {self.name!r}: give exactly one of boxes_json and masks_dir")
+        if self.masks_dir is not None and self.box_labels != (self.mask_label,):
+            raise ValueError(f"source {self.name!r}: a masks_dir source annotates box_labels [{self.mask_label!r}]")
+        return self
+
+    @property
+    def label_files(self) -> list[Path]:
+        return [self.boxes_json or self.masks_dir]
+
+
+SourceConfig = Annotated[KvasirVQASource | HyperKvasirSource | BoxesSource, Field(discriminator="kind")]
+SOURCE_PATH_KEYS = ("metadata_csv", "labels_csv", "folders_json", "boxes_json", "masks_dir", "image_dir")
 
 
 class PlanConfig(_Strict):
@@ -173,8 +236,9 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     data.update(overrides or {})
     base = path.resolve().parent
     for src in data.get("sources", []):
-        for key in ("metadata_csv", "image_dir"):
-            src[key] = _resolve(src.get(key), base)
+        for key in SOURCE_PATH_KEYS:
+            if key in src:
+                src[key] = _resolve(src[key], base)
     data["catalog"] = _resolve(data.get("catalog"), base) or str(DEFAULT_CATALOG_PATH)
     llm = data.get("generate", {}).get("llm", {})
     for key in ("cache_dir", "batch_dir"):

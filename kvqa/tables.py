@@ -111,6 +111,12 @@ class HashDraws:
         return items[:k]
 
 
+def plain_boxes(boxes) -> list[dict]:
+    """Boxes as plain dicts with int coordinates: parquet hands list<struct> columns back as arrays of
+    dicts with numpy-typed values, which neither JSON nor a strict Arrow schema takes."""
+    return [{k: (v if k == "label" else int(v)) for k, v in b.items()} for b in boxes]
+
+
 def quarantine_frame(rows: list[dict]) -> pd.DataFrame:
     """Rows rejected by a stage, each with a machine-readable reason and a human-readable detail."""
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS).astype(str)

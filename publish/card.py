@@ -182,6 +182,9 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
             ["source_label", "image category in its source"],
             ["generator", "realizer backend"], ["generator_version", "template/prompt version and hash"],
             ["prompt_hash", "hash of the rendered prompt (LLM backends)"],
+            ["boxes", "`default` config: the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax in "
+                      "pixels of the image; a location cell is listed when the box covers >= 1/4 of the cell or "
+                      "the cell holds >= 1/4 of the box); empty for rows without box facts"],
             ["variant, artifact", "`augmented` config only: the variant's index and its artifact's name"],
         ]), "",
         "## Configuration used", "", "```yaml", config_yaml.strip(), "```", "",

@@ -22,10 +22,12 @@ from datasets import Features, Image, List, Value
 from tqdm.auto import tqdm
 
 from kvqa.config import PublishConfig
-from kvqa.tables import atomic_path, file_digest
+from kvqa.tables import atomic_path, file_digest, plain_boxes
 
 RELEASE_COLUMNS = ["img_id", "complexity", "question", "answer", "original", "question_class", "image",
-                   "qa_id", "source", "source_label", "generator", "generator_version", "prompt_hash"]
+                   "qa_id", "source", "source_label", "generator", "generator_version", "prompt_hash", "boxes"]
+BOX_FEATURE = {"label": Value("string"), "xmin": Value("int32"), "ymin": Value("int32"), "xmax": Value("int32"),
+               "ymax": Value("int32")}
 RELEASE_FEATURES = Features({
     "img_id": Value("string"),
     "complexity": Value("int32"),
@@ -40,9 +42,11 @@ RELEASE_FEATURES = Features({
     "generator": Value("string"),
     "generator_version": Value("string"),
     "prompt_hash": Value("string"),
+    "boxes": List(BOX_FEATURE),
 })
-AUGMENTED_COLUMNS = [*RELEASE_COLUMNS, "variant", "artifact"]
-AUGMENTED_FEATURES = Features({**RELEASE_FEATURES, "variant": Value("int32"), "artifact": Value("string")})
+# Augmented variants are cropped, rotated and shifted: boxes in the original's pixels would not fit them.
+AUGMENTED_FEATURES = Features({**{k: v for k, v in RELEASE_FEATURES.items() if k != "boxes"},
+                               "variant": Value("int32"), "artifact": Value("string")})
 SPLITS = ("train", "test")
 
 
@@ -104,8 +108,10 @@ def _write_shard(rows: pd.DataFrame, path: Path, features: Features, row_group_r
                     if p != last_path:
                         last_path, last_bytes = p, Path(p).read_bytes()
                     images.append({"bytes": last_bytes, "path": name})
-                cols = {c: chunk[c].tolist() for c in columns if c != "image"}
+                cols = {c: chunk[c].tolist() for c in columns if c not in ("image", "boxes")}
                 cols["image"] = images
+                if "boxes" in columns:
+                    cols["boxes"] = [plain_boxes(boxes) for boxes in chunk["boxes"]]
                 w.write_table(pa.Table.from_pydict({c: cols[c] for c in columns}, schema=schema))
                 bar.update(len(chunk))
 
@@ -148,6 +154,9 @@ def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, 
 
 def write_augmented_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame,
                             augmentations: pd.DataFrame, run_dir: Path, out_dir: Path, config: PublishConfig) -> dict:
-    """The `augmented` config: every usable QA row once per augmented variant of its image."""
+    """The `augmented` config: every usable QA row once per augmented variant of its image ({} when the
+    track was not made)."""
+    if not len(augmentations):
+        return {}
     rows = augmented_rows(release_rows(qa, splits, images), augmentations, run_dir)
     return write_config_shards(rows, out_dir, "augmented", AUGMENTED_FEATURES, config)

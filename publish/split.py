@@ -3,7 +3,9 @@
 All rows of an image land in one split (no image leaks between train and test). Within each stratum
 (source, source_label) images are ordered by a hash of (seed, source, img_id) and the first
 round(test_fraction * n) go to test, so an image's split depends on the seed and its stratum only --
-never on file order.
+never on file order. One picture under several ids (a Kvasir-SEG frame is also a HyperKvasir polyp image)
+would leak between splits, so images with the same content (`sha256`, when given) all take the split of
+the first of them in (source, img_id) order.
 
 Splits table (`stages/splits.parquet`): source, img_id, source_label, split.
 """
@@ -18,7 +20,7 @@ SPLIT_COLUMNS = ["source", "img_id", "source_label", "split"]
 
 
 def assign_splits(images: pd.DataFrame, test_fraction: float, seed: int) -> pd.DataFrame:
-    """`images` has one row per usable image with columns source, img_id, source_label."""
+    """`images` has one row per usable image with columns source, img_id, source_label (and sha256)."""
     parts = []
     for _, group in images.groupby(["source", "source_label"], sort=True):
         order = group.assign(_h=[stable_hash(seed, "split", s, i) for s, i in zip(group.source, group.img_id)])
@@ -28,5 +30,7 @@ def assign_splits(images: pd.DataFrame, test_fraction: float, seed: int) -> pd.D
         parts.append(order)
     if not parts:
         return pd.DataFrame(columns=SPLIT_COLUMNS)
-    out = pd.concat(parts, ignore_index=True)[SPLIT_COLUMNS]
-    return out.sort_values(["source", "img_id"], kind="stable").reset_index(drop=True)
+    out = pd.concat(parts, ignore_index=True).sort_values(["source", "img_id"], kind="stable")
+    if "sha256" in out.columns:
+        out["split"] = out.groupby("sha256", sort=False)["split"].transform("first")
+    return out[SPLIT_COLUMNS].reset_index(drop=True)

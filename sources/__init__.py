@@ -16,8 +16,14 @@ Facts table (`stages/facts.parquet`):
 | answer_type | str | catalog answer type |
 | values | list[str] | canonical values in vocabulary order (a count is one decimal string) |
 | source_question | str | the verbatim atomic question |
-| source_answer | str | the verbatim atomic answer; canonical `; `-joined when several rows were merged |
-| source_rows | list[int] | the CSV line numbers the fact came from |
+| source_answer | str | the verbatim atomic answer (Kvasir-VQA; canonical `; `-joined when several rows were merged), or the canonical values (label and box facts) |
+| source_file | str | name of the label file the fact came from |
+| source_rows | list[int] | the units of that file it came from: CSV line numbers, or box numbers (1-based, file order) |
+| boxes | list[struct] | the boxes behind a box fact: label, xmin, ymin, xmax, ymax in pixels of the original image |
+
+Sources (`kind` in the config): `kvasir_vqa` (sources/kvasir_vqa.py), `hyperkvasir` (labels + optional
+polyp boxes, sources/hyperkvasir.py), `boxes` (Kvasir-Instrument JSON or Kvasir-SEG masks,
+sources/boxes.py). Ids stay as the source has them; `(source, img_id)` is the key everywhere.
 """
 
 from __future__ import annotations
@@ -26,11 +32,20 @@ import pandas as pd
 
 from kvqa.catalog import Catalog
 from kvqa.config import SourceConfig
+from sources.boxes import parse_boxes_source
+from sources.hyperkvasir import parse_hyperkvasir
 from sources.kvasir_vqa import FACT_COLUMNS, ParsedSource, parse_kvasir_vqa_metadata
 
-__all__ = ["FACT_COLUMNS", "ParsedSource", "parse_kvasir_vqa_metadata", "read_sources"]
+__all__ = ["FACT_COLUMNS", "ParsedSource", "parse_boxes_source", "parse_hyperkvasir", "parse_kvasir_vqa_metadata",
+           "read_sources", "units_in_facts"]
 
-READERS = {"kvasir_vqa": parse_kvasir_vqa_metadata}
+READERS = {"kvasir_vqa": parse_kvasir_vqa_metadata, "hyperkvasir": parse_hyperkvasir, "boxes": parse_boxes_source}
+
+
+def units_in_facts(facts: pd.DataFrame) -> int:
+    """Distinct label units (rows, boxes) behind the facts: one row can feed several facts."""
+    return len({(s, f, int(u)) for s, f, units in zip(facts["source"], facts["source_file"], facts["source_rows"])
+                for u in units})
 
 
 def read_sources(sources: list[SourceConfig], catalog: Catalog) -> ParsedSource:

@@ -20,6 +20,7 @@ Images table (`stages/images.parquet`):
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,18 @@ def find_image(image_dir: Path, img_id: str, extensions: tuple[str, ...]) -> Pat
     return None
 
 
+def image_index(image_dir: Path, extensions: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Every image file under `image_dir` (any depth: the HyperKvasir download's 23-folder layout) by stem."""
+    exts = {e.lower() for e in extensions}
+    index: dict[str, list[Path]] = {}
+    for folder, _, files in sorted(os.walk(image_dir)):
+        for name in sorted(files):
+            p = Path(folder) / name
+            if p.suffix.lower() in exts:
+                index.setdefault(p.stem, []).append(p)
+    return index
+
+
 def check_image(path: Path) -> dict:
     """Hash and fully decode one image file; raise ImageError with a reason if it is not usable."""
     data = path.read_bytes()
@@ -74,15 +87,23 @@ def check_image(path: Path) -> dict:
 def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every (source, img_id) in `wanted`; return (usable images, quarantined images)."""
     by_name = {s.name: s for s in sources}
+    trees = {s.name: image_index(Path(s.image_dir), s.image_extensions) for s in sources if s.recursive_images}
     keys = wanted[["source", "img_id"]].drop_duplicates().sort_values(["source", "img_id"])
     ok, bad = [], []
     for source, img_id in tqdm(list(keys.itertuples(index=False, name=None)), desc="check images",
                                unit="img", mininterval=1.0, disable=len(keys) < 500):
         src = by_name[source]
-        path = find_image(Path(src.image_dir), img_id, src.image_extensions)
+        if source in trees:
+            found = trees[source].get(img_id, [])
+            path = found[0] if len(found) == 1 else None
+        else:
+            found, path = [], find_image(Path(src.image_dir), img_id, src.image_extensions)
         try:
+            if len(found) > 1:
+                raise ImageError("ambiguous_image", f"{len(found)} files for {img_id}: {[str(p) for p in found]}")
             if path is None:
-                raise ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {src.image_dir}")
+                where = f"{src.image_dir} or its subfolders" if source in trees else str(src.image_dir)
+                raise ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {where}")
             ok.append({"source": source, "img_id": img_id, "path": str(path), **check_image(path)})
         except ImageError as err:
             bad.append({"stage": STAGE, "source": source, "key": img_id, "reason": err.reason,

@@ -23,7 +23,7 @@ from kvqa.tables import quarantine_frame, stable_hash
 
 FACT_COLUMNS = [
     "fact_id", "source", "img_id", "source_label", "question_class", "answer_type",
-    "values", "source_question", "source_answer", "source_rows",
+    "values", "source_question", "source_answer", "source_file", "source_rows", "boxes",
 ]
 REQUIRED_HEADER = ("source", "question", "answer", "img_id")
 IMG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -165,14 +165,19 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
             "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
             "source_label": label, "question_class": cls, "answer_type": str(qc.answer_type),
             "values": list(values), "source_question": cands[0].question, "source_answer": answer,
-            "source_rows": [c.line for c in cands],
+            "source_file": path.name, "source_rows": [c.line for c in cands], "boxes": [],
         })
+    q = quarantine_frame(quarantined)
+    q = q.assign(_l=q["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
+    return ParsedSource(facts=order_facts(facts, catalog), quarantine=q.reset_index(drop=True), rows_read=rows_read)
+
+
+def order_facts(facts: list[dict], catalog: Catalog) -> pd.DataFrame:
+    """Facts in (source, img_id, catalog order): the index space plans draw combinations from."""
     order = {name: i for i, name in enumerate(catalog.classes)}
     facts_df = pd.DataFrame(facts, columns=FACT_COLUMNS)
     if len(facts_df):
         facts_df = (facts_df.assign(_o=facts_df["question_class"].map(order))
                     .sort_values(["source", "img_id", "_o"], kind="stable").drop(columns="_o")
                     .reset_index(drop=True))
-    q = quarantine_frame(quarantined)
-    q = q.assign(_l=q["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
-    return ParsedSource(facts=facts_df, quarantine=q.reset_index(drop=True), rows_read=rows_read)
+    return facts_df

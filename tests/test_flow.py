@@ -56,8 +56,11 @@ def test_report_reconciles(sample_run):
     assert report["plans"]["plans"] == report["generate"]["qa"] + report["generate"]["rejected"]
     assert report["generate"]["qa"] == sum(report["release"]["rows"].values()) + report["release"]["dropped_for_images"]
     q = pd.read_parquet(sample_run / "quarantine.parquet")
-    assert len(q) == report["quarantine"]["total"] == s["quarantined"]
-    assert set(q["reason"]) == {"dropped_question", "empty_question"}  # the sample's deliberate quirks
+    assert len(q) == report["quarantine"]["total"] and (q.stage == "sources").sum() == s["quarantined"]
+    assert set(zip(q.stage, q.reason)) == {  # the sample's deliberate quirks and faults, nothing else
+        ("sources", "dropped_question"), ("sources", "empty_question"), ("sources", "malformed_row"),
+        ("sources", "duplicate_image"), ("sources", "inconsistent_labels"), ("sources", "bad_box"),
+        ("sources", "unlabelled_image"), ("images", "missing_image"), ("publish", "image_quarantined")}
 
 
 def _same_run(a: Path, b: Path) -> None:

@@ -1,0 +1,274 @@
+"""HyperKvasir labels, HyperKvasir/Kvasir-Instrument boxes and Kvasir-SEG masks as sources (real files), the
+grid rule on hand-checked boxes, a build with real frames, and `kvqa add-class` on a built run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import ROOT, SHARED, run_cli
+from kvqa.config import BoxesSource, HyperKvasirSource
+from sources import parse_boxes_source, parse_hyperkvasir, units_in_facts
+from sources.boxes import Box, grid_cells, relative_size
+
+HK = SHARED / "hyper-kvasir"
+INSTRUMENT = SHARED / "kvasir-instrument"
+SEG = SHARED / "kvasir-seg"
+
+
+@pytest.fixture(scope="module")
+def real() -> Path:
+    if not (HK / "image-labels.csv").is_file():
+        pytest.skip(f"real HyperKvasir labels not found at {HK} (../shared/data is absent)")
+    return SHARED
+
+
+def _hk(labels: Path = HK / "image-labels.csv", **kw) -> HyperKvasirSource:
+    return HyperKvasirSource(labels_csv=labels, folders_json=HK / "folders.json",
+                             boxes_json=HK / "bounding-boxes.json", image_dir=SEG / "images", **kw)
+
+
+def test_every_hyperkvasir_row_and_box_is_a_fact_or_quarantined(real, catalog):
+    parsed = parse_hyperkvasir(_hk(), catalog)
+    with open(HK / "image-labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    boxes = json.loads((HK / "bounding-boxes.json").read_text())
+    n_boxes = sum(len(v["bbox"]) for v in boxes.values())
+    assert (len(rows), n_boxes) == (10_662, 1_071)
+    assert parsed.rows_read == len(rows) + n_boxes == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    facts = parsed.facts
+    csv_lines = {u for f, us in zip(facts.source_file, facts.source_rows) if f == "image-labels.csv" for u in us}
+    assert csv_lines == set(range(2, len(rows) + 2))  # every label row in a fact; the real file has no fault
+    by = facts.set_index(["img_id", "question_class"])["values"].map(list).to_dict()
+    for row in rows:
+        img, finding = row["Video file"], row["Finding"]
+        assert by[(img, "procedure_type")] == [{"Lower GI": "colonoscopy", "Upper GI": "gastroscopy"}[row["Organ"]]]
+        if finding.startswith("ulcerative-colitis-grade-"):
+            assert by[(img, "ulcerative_colitis_grade")] == [f"grade {finding.rsplit('grade-', 1)[1]}"]
+            assert by[(img, "abnormality_presence")] == ["ulcerative colitis"]
+        if finding in ("bbps-0-1", "bbps-2-3", "impacted-stool"):
+            assert by[(img, "bowel_prep_quality")] == [{"bbps-0-1": "inadequate", "bbps-2-3": "adequate",
+                                                        "impacted-stool": "impacted stool"}[finding]]
+        if row["Classification"] == "anatomical-landmarks":
+            assert by[(img, "retroflex_view")] == ["yes" if finding.startswith("retroflex") else "no"]
+        else:
+            assert (img, "retroflex_view") not in by  # not stated for other images
+        if finding == "cecum":
+            assert by[(img, "landmark_presence")] == ["cecum"] and (img, "abnormality_presence") not in by
+    counts = Counter(facts.question_class)
+    assert counts["procedure_type"] == 10_662 and counts["polyp_count"] == counts["abnormality_location"] == 1_000
+    per_image = {k: str(len(v["bbox"])) for k, v in boxes.items()}
+    assert {img: v[0] for (img, cls), v in by.items() if cls == "polyp_count"} == per_image
+    box_facts = facts[facts.question_class == "polyp_count"]
+    assert sum(len(b) for b in box_facts.boxes) == 1_071
+
+
+def test_kvasir_instrument_boxes_reconcile(real, catalog):
+    src = BoxesSource(name="kvasir-instrument", boxes_json=INSTRUMENT / "bboxes.json", box_labels=("instrument",),
+                      image_label="instrument", image_dir=INSTRUMENT)
+    parsed = parse_boxes_source(src, catalog)
+    data = json.loads((INSTRUMENT / "bboxes.json").read_text())
+    assert parsed.rows_read == 620 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert len(parsed.quarantine) == 0
+    counts = parsed.facts[parsed.facts.question_class == "instrument_count"].set_index("img_id")["values"]
+    assert Counter(int(v[0]) for v in counts) == Counter(len(v["bbox"]) for v in data.values()) == \
+        Counter({1: 565, 2: 21, 3: 3, 4: 1})
+    ids = set((INSTRUMENT / "train.txt").read_text().split()) | set((INSTRUMENT / "test.txt").read_text().split())
+    assert set(parsed.facts.img_id) == ids  # the official split lists exactly these 590 frames
+
+
+def test_kvasir_seg_mask_boxes_are_the_hyperkvasir_boxes(real, catalog):
+    """Boxes from the masks' connected components are boxes of bounding-boxes.json, to the pixel: that is how
+    the five `cju…` frames are matched to their HyperKvasir ids (the JSON is keyed by UUID, not by cju id).
+    One entry (90d30949…) also lists a 3-px sliver box inside its first polyp that the mask does not separate,
+    so that entry counts 3 polyps where the mask shows 2."""
+    src = BoxesSource(name="kvasir-seg", masks_dir=SEG / "masks", box_labels=("polyp",), image_label="polyp",
+                      image_dir=SEG / "images")
+    parsed = parse_boxes_source(src, catalog)
+    assert parsed.rows_read == 6 == units_in_facts(parsed.facts) and len(parsed.quarantine) == 0
+    matched = match_seg_frames(parsed.facts)
+    assert len(matched) == 5 and len(set(matched.values())) == 5
+    boxes = json.loads((HK / "bounding-boxes.json").read_text())
+    extra = {cju: len(boxes[uuid]["bbox"]) for cju, uuid in matched.items()}
+    assert extra == {"cju0qkwl35piu0993l0dewei2": 1, "cju0qoxqj9q6s0835b43399p4": 1, "cju0qx73cjw570799j4n5cjze": 1,
+                     "cju0roawvklrq0799vmjorwfv": 3, "cju0rx1idathl0835detmsp84": 1}
+
+
+def match_seg_frames(facts: pd.DataFrame) -> dict[str, str]:
+    """cju frame id -> the one HyperKvasir id whose boxes include every mask box of the frame exactly."""
+    boxes = json.loads((HK / "bounding-boxes.json").read_text())
+    key = {k: {tuple(b[c] for c in ("xmin", "ymin", "xmax", "ymax")) for b in v["bbox"]} for k, v in boxes.items()}
+    out = {}
+    for img, bxs in zip(facts.img_id, facts.boxes):
+        if len(bxs):
+            want = {tuple(int(b[c]) for c in ("xmin", "ymin", "xmax", "ymax")) for b in bxs}
+            hits = [k for k, v in key.items() if want <= v]
+            assert len(hits) == 1, (img, hits)
+            out[img] = hits[0]
+    return out
+
+
+@pytest.mark.parametrize("box, size, cells, rel", [
+    # A real HyperKvasir polyp box (cju0qkwl…, 622x529): it fills most of the four upper-left cells and only a
+    # 7 % sliver of upper-right and center-right.
+    ((38, 5, 430, 338), (622, 529), ["upper-left", "upper-center", "center-left", "center"], "large"),
+    # A real Kvasir-Instrument box (ckcx9e1ei…, 720x576): 22 % of the upper-left cell but 44 % of the box lies
+    # there; 28 % of the upper-center cell.
+    ((180, 20, 316, 191), (720, 576), ["upper-left", "upper-center"], "medium"),
+    ((95, 10, 105, 20), (300, 300), ["upper-left", "upper-center"], "small"),   # a tip on a cell border
+    ((100, 100, 200, 200), (300, 300), ["center"], "medium"),                  # exactly the center cell
+    ((0, 0, 300, 300), (300, 300), ["upper-left", "upper-center", "upper-right", "center-left", "center",
+                                    "center-right", "lower-left", "lower-center", "lower-right"], "large"),
+])
+def test_grid_rule_on_hand_checked_boxes(box, size, cells, rel):
+    b = Box("polyp", *box)
+    assert grid_cells(b, *size) == cells
+    assert relative_size(b, *size) == rel
+
+
+def test_bad_labels_and_boxes_are_quarantined_with_reasons(tmp_path, catalog):
+    labels = tmp_path / "image-labels.csv"
+    labels.write_text("Video file,Organ,Finding,Classification\n"
+                      "a1,Lower GI,polyps,pathological-findings\n"
+                      "a2,Lower GI,cecum\n"                                     # short
+                      "a1,Lower GI,cecum,anatomical-landmarks\n"                # duplicate id
+                      "a3,Upper GI,cecum,anatomical-landmarks\n"                # organ contradicts the folder
+                      "a4,Lower GI,retroflex-rectum,anatomical-landmarks\n"
+                      ",Lower GI,polyps,pathological-findings\n")              # no id
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({
+        "a1": {"height": 100, "width": 100, "bbox": [{"label": "polyp", "xmin": 1, "ymin": 1, "xmax": 50, "ymax": 50}]},
+        "a4": {"height": 100, "width": 100, "bbox": [
+            {"label": "polyp", "xmin": 1, "ymin": 1, "xmax": 50, "ymax": 50},
+            {"label": "polyp", "xmin": 60, "ymin": 60, "xmax": 150, "ymax": 90}]},    # outside: whole entry out
+        "a5": {"height": 100, "width": 100, "bbox": [{"label": "polyp", "xmin": 1, "ymin": 1, "xmax": 5, "ymax": 5}]},
+        "a6": {"width": 100, "bbox": []},                                          # no height
+    }))
+    src = HyperKvasirSource(labels_csv=labels, folders_json=HK / "folders.json" if HK.is_dir() else None,
+                            boxes_json=boxes, image_dir=tmp_path)
+    parsed = parse_hyperkvasir(src, catalog)
+    reasons = Counter(parsed.quarantine.reason)
+    expected = {"malformed_row": 2, "duplicate_image": 1, "bad_box": 2, "unlabelled_image": 1, "malformed_entry": 1}
+    if HK.is_dir():
+        expected["inconsistent_labels"] = 1
+    assert reasons == expected
+    assert parsed.rows_read == 6 + 5 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert set(parsed.facts.img_id) == {"a1", "a4"} | ({"a3"} if not HK.is_dir() else set())
+    assert not any(parsed.facts[(parsed.facts.img_id == "a4")].question_class == "polyp_count")
+
+
+def test_build_from_hyperkvasir_labels_and_real_frames_loads(real, tmp_path):
+    """Real HyperKvasir label rows and boxes, the real Kvasir-SEG frames under their HyperKvasir ids (linked in
+    a temporary folder, found by matching mask boxes), Kvasir-SEG masks and Kvasir-Instrument boxes as two more
+    sources; rows of images without a file are quarantined, the release loads with `datasets`."""
+    import datasets
+
+    seg = parse_boxes_source(BoxesSource(name="kvasir-seg", masks_dir=SEG / "masks", box_labels=("polyp",),
+                                         image_label="polyp", image_dir=SEG / "images"), _catalog())
+    matched = match_seg_frames(seg.facts)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for cju, uuid in matched.items():
+        os.symlink(SEG / "images" / f"{cju}.jpg", frames / f"{uuid}.jpg")
+    with open(HK / "image-labels.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [rows[0]] + [r for r in rows[1:] if r[0] in set(matched.values())] + \
+        [r for r in rows[1:201:2] if r[0] not in set(matched.values())]
+    (tmp_path / "labels.csv").write_text("".join(",".join(r) + "\n" for r in keep))
+    config = {"run_name": "hk", "seed": 42, "output_root": str(tmp_path / "runs"),
+              "sources": [
+                  {"kind": "hyperkvasir", "labels_csv": str(tmp_path / "labels.csv"),
+                   "folders_json": str(HK / "folders.json"), "boxes_json": str(HK / "bounding-boxes.json"),
+                   "image_dir": str(frames)},
+                  {"kind": "boxes", "name": "kvasir-seg", "masks_dir": str(SEG / "masks"), "box_labels": ["polyp"],
+                   "image_label": "polyp", "image_dir": str(SEG / "images")},
+                  {"kind": "boxes", "name": "kvasir-instrument", "boxes_json": str(INSTRUMENT / "bboxes.json"),
+                   "box_labels": ["instrument"], "image_label": "instrument", "image_dir": str(INSTRUMENT)}],
+              "split": {"test_fraction": 0.3}, "augment": {"enabled": False}}
+    (tmp_path / "hk.yaml").write_text(yaml.safe_dump(config))
+    run_cli("build", "--config", str(tmp_path / "hk.yaml"))
+    run = tmp_path / "runs" / "hk"
+    report = json.loads((run / "report.json").read_text())
+    s = report["sources"]
+    assert s["rows_read"] == s["rows_in_facts"] + s["quarantined"] == len(keep) - 1 + 1_071 + 6 + 620
+    ds = datasets.load_dataset(str(run / "release"), cache_dir=str(tmp_path / "hf"))
+    df = pd.concat([ds[sp].remove_columns("image").to_pandas() for sp in ds], ignore_index=True)
+    assert set(df.source) == {"hyper-kvasir", "kvasir-seg"}  # no instrument frames ship in ../shared
+    assert set(df[df.source == "hyper-kvasir"].img_id) == set(matched.values())
+    hk = df[df.source == "hyper-kvasir"]
+    assert {"procedure_type", "abnormality_presence", "polyp_count", "abnormality_location",
+            "polyp_relative_size"} <= set(hk.question_class.explode())
+    located = hk[hk.question_class.map(lambda c: "abnormality_location" in c)]
+    assert located.boxes.map(len).min() >= 1 and {b["label"] for bs in located.boxes for b in bs} == {"polyp"}
+    # The same picture under two sources' ids (a Kvasir-SEG frame and its HyperKvasir id) is in one split.
+    images = pd.read_parquet(run / "stages" / "images.parquet")
+    splits = pd.read_parquet(run / "stages" / "splits.parquet").merge(images, on=["source", "img_id"])
+    assert splits.groupby("sha256")["split"].nunique().max() == 1
+    assert splits.groupby("sha256").size().max() == 2
+    q = pd.read_parquet(run / "quarantine.parquet")
+    assert set(q[q.stage == "images"].reason) == {"missing_image"}
+    card = (run / "release" / "README.md").read_text()
+    assert "| hyper-kvasir | hyperkvasir | CC BY 4.0 |" in card and "| kvasir-seg | boxes | CC BY 4.0 |" in card
+
+
+def _catalog():
+    from kvqa.catalog import load_catalog
+
+    return load_catalog()
+
+
+BBPS_ENTRY = ROOT / "prompts" / "examples" / "bbps_score.yaml"
+
+
+def _release_rows(release: Path) -> dict[str, str]:
+    from flows.add_class import release_row_digests
+
+    return release_row_digests(release)
+
+
+def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(tmp_path):
+    catalog = tmp_path / "question_classes.yaml"
+    catalog.write_text((ROOT / "prompts" / "question_classes.yaml").read_text())
+    config = yaml.safe_load((ROOT / "data" / "configs" / "sample.yaml").read_text())
+    for src in config["sources"]:
+        for k, v in list(src.items()):
+            if k.endswith(("_csv", "_json", "_dir")):
+                src[k] = str((ROOT / "data" / "configs" / v).resolve())
+    config.update(run_name="ac", output_root=str(tmp_path / "runs"), catalog=str(catalog))
+    cfg = tmp_path / "ac.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    run_cli("build", "--config", str(cfg))
+    run = tmp_path / "runs" / "ac"
+    before = _release_rows(run / "release")
+    proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 2 and "is not in the catalog" in proc.stderr and "Traceback" not in proc.stderr
+    # The README's walk-through: append the entry to the catalog, then one command.
+    text = catalog.read_text()
+    cut = text.index("\nlocation_grid:")
+    catalog.write_text(text[:cut].rstrip("\n") + "\n\n" + BBPS_ENTRY.read_text().rstrip("\n") + "\n" + text[cut:])
+    proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"))
+    assert "existing rows unchanged" in proc.stdout
+    after = _release_rows(run / "release")
+    assert {q: after.get(q) for q in before} == before  # every old row, image bytes included, unchanged
+    qa = pd.read_parquet(run / "stages" / "qa_dedup.parquet").set_index("qa_id")
+    added = set(after) - set(before)
+    assert added and all("bbps_score" in qa.loc[q, "question_class"] for q in added)
+    assert Counter(int(qa.loc[q, "complexity"]) for q in added) == Counter({1: 3, 2: 3, 3: 3})
+    card = (run / "release" / "README.md").read_text()
+    counts = json.loads(card.split("<!-- kvqa-counts\n", 1)[1].split("\n-->", 1)[0])
+    assert sum(s["question_class"].get("bbps_score", 0) for s in counts["splits"].values()) == len(added)
+    assert sum(s["rows"] for s in counts["augmented"].values()) == 10 * len(after)
+    proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"), check=False)
+    assert proc.returncode == 2 and "already in run ac" in proc.stderr
+    # A later plain build of the run reproduces the same release.
+    digest = hashlib.sha256(json.dumps(after, sort_keys=True).encode()).hexdigest()
+    run_cli("build", "--config", str(cfg))
+    assert hashlib.sha256(json.dumps(_release_rows(run / "release"), sort_keys=True).encode()).hexdigest() == digest
