@@ -27,7 +27,9 @@ from PIL import Image
 
 from kvqa.catalog import RELATIVE_SIZES, BoxFeed, Catalog
 from kvqa.config import BoxesSource
-from kvqa.tables import quarantine_frame, stable_hash
+from kvqa.tables import stable_hash
+from sources.common import Quarantine
+from sources.kvasir_vqa import ParsedSource, order_facts
 
 GRID = [["upper-left", "upper-center", "upper-right"],
         ["center-left", "center", "center-right"],
@@ -35,7 +37,6 @@ GRID = [["upper-left", "upper-center", "upper-right"],
 GRID_ORDER = [c for row in GRID for c in row]
 MIN_OVERLAP = 0.25
 SIZE_BOUNDS = (0.05, 0.20)  # small < 5 % of the frame <= medium < 20 % <= large
-STAGE = "sources"
 Reject = Callable[[str, str, str, object], None]  # (unit key, reason, detail, raw)
 
 
@@ -219,13 +220,8 @@ def box_facts(catalog: Catalog, source: str, source_label: str, image: ImageBoxe
 def parse_boxes_source(src: BoxesSource, catalog: Catalog):
     """A boxes-only source (Kvasir-Instrument JSON, Kvasir-SEG masks) -> facts; every box is in a fact or
     quarantined."""
-    from sources.kvasir_vqa import ParsedSource, order_facts
-
-    quarantined: list[dict] = []
-
-    def reject(key: str, reason: str, detail: str, raw: object) -> None:
-        quarantined.append({"stage": STAGE, "source": src.name, "key": key, "reason": reason, "detail": detail,
-                            "raw": json.dumps(raw, ensure_ascii=False, default=str)})
+    quarantine = Quarantine(src.name)
+    reject = quarantine.reject
 
     if src.boxes_json is not None:
         images, units = read_boxes_json(Path(src.boxes_json), src.box_labels, reject)
@@ -239,4 +235,4 @@ def parse_boxes_source(src: BoxesSource, catalog: Catalog):
         for u in im.units or [im.entry_unit]:
             reject(f"{source_file}:{im.img_id}#{u}", "no_class_for_label",
                    f"no catalog class is fed by boxes labelled {list(src.box_labels)}", im.img_id)
-    return ParsedSource(order_facts(facts, catalog), quarantine_frame(quarantined), rows_read=units)
+    return ParsedSource(order_facts(facts, catalog), quarantine.frame(), rows_read=units)

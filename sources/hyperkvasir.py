@@ -16,21 +16,20 @@ Units read = label rows + boxes; each is in a fact or in the quarantine (`malfor
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
 
 from kvqa.catalog import Catalog, LabelFeed
 from kvqa.config import HyperKvasirSource
-from kvqa.tables import quarantine_frame, stable_hash
+from kvqa.tables import stable_hash
 from sources.boxes import box_facts, read_boxes_json
+from sources.common import Quarantine, csv_rows
 from sources.kvasir_vqa import ParsedSource, order_facts
 
 REQUIRED_HEADER = ("Video file", "Organ", "Finding", "Classification")
 ORGAN_FOLDERS = {"lower-gi-tract": "Lower GI", "upper-gi-tract": "Upper GI"}
 IMG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-STAGE = "sources"
 
 
 def allowed_labels(folders_json: Path) -> set[tuple[str, str, str]]:
@@ -67,58 +66,46 @@ def row_values(feed: LabelFeed, row: dict[str, str]) -> str | None:
 def parse_hyperkvasir(src: HyperKvasirSource, catalog: Catalog) -> ParsedSource:
     """Parse the labels (and boxes) into facts; every row and box becomes part of a fact or a quarantine record."""
     path = Path(src.labels_csv)
-    quarantined: list[dict] = []
-
-    def reject(key: str, reason: str, detail: str, raw: object) -> None:
-        quarantined.append({"stage": STAGE, "source": src.name, "key": key, "reason": reason, "detail": detail,
-                            "raw": json.dumps(raw, ensure_ascii=False, default=str)})
-
+    quarantine = Quarantine(src.name)
+    reject = quarantine.reject
     allowed = allowed_labels(Path(src.folders_json)) if src.folders_json else None
     facts: list[dict] = []
     labelled: dict[str, str] = {}  # img_id -> finding (the image's category)
     rows_read = 0
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in REQUIRED_HEADER if c not in header]
-        if missing:
-            raise ValueError(f"{path}: not a HyperKvasir image-labels CSV, header {header} lacks {missing}")
-        feeds = label_feeds(catalog, header)
-        for raw in reader:
-            line = reader.line_num
-            if not raw:
-                continue
-            rows_read += 1
-            key = f"line {line}"
-            if len(raw) != len(header):
-                reject(key, "malformed_row", f"{len(raw)} fields, expected {len(header)}", raw)
-                continue
-            row = {h: v.strip() for h, v in zip(header, raw)}
-            img_id = row["Video file"]
-            if not IMG_ID_RE.match(img_id) or not all(row[c] for c in REQUIRED_HEADER):
-                reject(key, "malformed_row", f"empty field or bad image id {img_id!r}", row)
-            elif img_id in labelled:
-                reject(key, "duplicate_image", f"{img_id} is labelled on an earlier row", row)
-            elif allowed is not None and not _in_folders(row["Organ"], row["Classification"], row["Finding"], allowed):
-                reject(key, "inconsistent_labels", f"{row['Organ']}/{row['Classification']}/{row['Finding']} is "
-                                                   "not a folder of the HyperKvasir download", row)
-            else:
-                row_facts = []
-                for cls, feed in feeds:
-                    value = row_values(feed, row)
-                    if value is None or any(f["question_class"] == cls for f in row_facts):
-                        continue
-                    qc = catalog.classes[cls]
-                    row_facts.append({
-                        "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
-                        "source_label": row["Finding"], "question_class": cls, "answer_type": str(qc.answer_type),
-                        "values": [value], "source_question": qc.atomic_question, "source_answer": qc.display(value),
-                        "source_file": path.name, "source_rows": [line], "boxes": []})
-                if not row_facts:
-                    reject(key, "no_class_for_label", f"no catalog class takes {row['Organ']}/{row['Finding']}", row)
+    header, rows = csv_rows(path, REQUIRED_HEADER, "HyperKvasir image-labels CSV")
+    feeds = label_feeds(catalog, header)
+    for line, raw in rows:
+        rows_read += 1
+        key = f"line {line}"
+        if len(raw) != len(header):
+            reject(key, "malformed_row", f"{len(raw)} fields, expected {len(header)}", raw)
+            continue
+        row = {h: v.strip() for h, v in zip(header, raw)}
+        img_id = row["Video file"]
+        if not IMG_ID_RE.match(img_id) or not all(row[c] for c in REQUIRED_HEADER):
+            reject(key, "malformed_row", f"empty field or bad image id {img_id!r}", row)
+        elif img_id in labelled:
+            reject(key, "duplicate_image", f"{img_id} is labelled on an earlier row", row)
+        elif allowed is not None and not _in_folders(row["Organ"], row["Classification"], row["Finding"], allowed):
+            reject(key, "inconsistent_labels", f"{row['Organ']}/{row['Classification']}/{row['Finding']} is "
+                                               "not a folder of the HyperKvasir download", row)
+        else:
+            row_facts = []
+            for cls, feed in feeds:
+                value = row_values(feed, row)
+                if value is None or any(f["question_class"] == cls for f in row_facts):
                     continue
-                labelled[img_id] = row["Finding"]
-                facts += row_facts
+                qc = catalog.classes[cls]
+                row_facts.append({
+                    "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
+                    "source_label": row["Finding"], "question_class": cls, "answer_type": str(qc.answer_type),
+                    "values": [value], "source_question": qc.atomic_question, "source_answer": qc.display(value),
+                    "source_file": path.name, "source_rows": [line], "boxes": []})
+            if not row_facts:
+                reject(key, "no_class_for_label", f"no catalog class takes {row['Organ']}/{row['Finding']}", row)
+                continue
+            labelled[img_id] = row["Finding"]
+            facts += row_facts
     if src.boxes_json:
         boxes_path = Path(src.boxes_json)
         images, units = read_boxes_json(boxes_path, src.box_labels, reject)
@@ -138,4 +125,4 @@ def parse_hyperkvasir(src: HyperKvasirSource, catalog: Catalog) -> ParsedSource:
                     reject(f"{boxes_path.name}:{image.img_id}#{u}", "no_class_for_label",
                            f"no catalog class is fed by boxes labelled {list(src.box_labels)}", image.img_id)
             facts += new
-    return ParsedSource(order_facts(facts, catalog), quarantine_frame(quarantined), rows_read=rows_read)
+    return ParsedSource(order_facts(facts, catalog), quarantine.frame(), rows_read=rows_read)

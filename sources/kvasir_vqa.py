@@ -8,8 +8,6 @@ release dropped, and images whose polyps were labelled on several rows (merged i
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -19,7 +17,8 @@ import pandas as pd
 
 from kvqa.catalog import MULTI_VALUED, AnswerType, Catalog, QuestionClass, normalise_token
 from kvqa.config import KvasirVQASource
-from kvqa.tables import quarantine_frame, stable_hash
+from kvqa.tables import stable_hash
+from sources.common import Quarantine, csv_rows
 
 FACT_COLUMNS = [
     "fact_id", "source", "img_id", "source_label", "question_class", "answer_type",
@@ -98,7 +97,7 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
     path = Path(src.metadata_csv)
     if not path.is_file():
         raise FileNotFoundError(f"Kvasir-VQA metadata CSV not found: {path}")
-    quarantined: list[dict] = []
+    quarantine = Quarantine(src.name)
     candidates: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
     labels_by_image: dict[str, Counter] = defaultdict(Counter)
     dropped = {q.strip() for q in catalog.dropped_questions}
@@ -106,44 +105,35 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
     rows_read = 0
 
     def reject(line: int, reason: str, detail: str, raw: object) -> None:
-        quarantined.append({"stage": STAGE, "source": src.name, "key": f"line {line}", "reason": reason,
-                            "detail": detail, "raw": json.dumps(raw, ensure_ascii=False)})
+        quarantine.reject(f"line {line}", reason, detail, raw)
 
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in REQUIRED_HEADER if c not in header]
-        if missing:
-            raise ValueError(f"{path}: not a Kvasir-VQA metadata CSV, header {header} lacks {missing}")
-        idx = {c: header.index(c) for c in REQUIRED_HEADER}
-        for row in reader:
-            line = reader.line_num
-            if not row:
-                continue  # a blank line is not a label row
-            rows_read += 1
-            if len(row) != len(header):
-                reject(line, "malformed_row", f"{len(row)} fields, expected {len(header)}", row)
+    header, rows = csv_rows(path, REQUIRED_HEADER, "Kvasir-VQA metadata CSV")
+    idx = {c: header.index(c) for c in REQUIRED_HEADER}
+    for line, row in rows:
+        rows_read += 1
+        if len(row) != len(header):
+            reject(line, "malformed_row", f"{len(row)} fields, expected {len(header)}", row)
+            continue
+        rec = {c: row[i] for c, i in idx.items()}
+        img_id, question, answer = rec["img_id"].strip(), rec["question"].strip(), rec["answer"]
+        if not IMG_ID_RE.match(img_id):
+            reject(line, "malformed_row", f"bad img_id {img_id!r}", rec)
+        elif normalise_token(question) in empty:
+            reject(line, "empty_question", "question is empty or 'none' (no atomic pair)", rec)
+        elif question in dropped:
+            reject(line, "dropped_question", "dropped from Kvasir-VQA-x1 (subjective)", rec)
+        elif question not in catalog.class_by_question:
+            reject(line, "unknown_question", f"no catalog class asks {question!r}", rec)
+        else:
+            qc = catalog.class_by_question[question]
+            try:
+                values = parse_answer(qc, answer, catalog.value_separator)
+            except AnswerError as err:
+                reject(line, err.reason, str(err), rec)
                 continue
-            rec = {c: row[i] for c, i in idx.items()}
-            img_id, question, answer = rec["img_id"].strip(), rec["question"].strip(), rec["answer"]
-            if not IMG_ID_RE.match(img_id):
-                reject(line, "malformed_row", f"bad img_id {img_id!r}", rec)
-            elif normalise_token(question) in empty:
-                reject(line, "empty_question", "question is empty or 'none' (no atomic pair)", rec)
-            elif question in dropped:
-                reject(line, "dropped_question", "dropped from Kvasir-VQA-x1 (subjective)", rec)
-            elif question not in catalog.class_by_question:
-                reject(line, "unknown_question", f"no catalog class asks {question!r}", rec)
-            else:
-                qc = catalog.class_by_question[question]
-                try:
-                    values = parse_answer(qc, answer, catalog.value_separator)
-                except AnswerError as err:
-                    reject(line, err.reason, str(err), rec)
-                    continue
-                label = rec["source"].strip()
-                candidates[(img_id, qc.name)].append(_Candidate(line, label, question, answer, values, rec))
-                labels_by_image[img_id][label] += 1
+            label = rec["source"].strip()
+            candidates[(img_id, qc.name)].append(_Candidate(line, label, question, answer, values, rec))
+            labels_by_image[img_id][label] += 1
 
     facts: list[dict] = []
     for (img_id, cls), cands in candidates.items():
@@ -167,9 +157,9 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
             "values": list(values), "source_question": cands[0].question, "source_answer": answer,
             "source_file": path.name, "source_rows": [c.line for c in cands], "boxes": [],
         })
-    q = quarantine_frame(quarantined)
-    q = q.assign(_l=q["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
-    return ParsedSource(facts=order_facts(facts, catalog), quarantine=q.reset_index(drop=True), rows_read=rows_read)
+    qf = quarantine.frame()
+    qf = qf.assign(_l=qf["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
+    return ParsedSource(facts=order_facts(facts, catalog), quarantine=qf.reset_index(drop=True), rows_read=rows_read)
 
 
 def order_facts(facts: list[dict], catalog: Catalog) -> pd.DataFrame:
