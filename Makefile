@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_stages.py --quick
 	$(BIN)/python benchmarks/publish.py --quick
+	$(BIN)/python benchmarks/augment.py --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -272,3 +272,19 @@ def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(tmp_path):
     digest = hashlib.sha256(json.dumps(after, sort_keys=True).encode()).hexdigest()
     run_cli("build", "--config", str(cfg))
     assert hashlib.sha256(json.dumps(_release_rows(run / "release"), sort_keys=True).encode()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "data" / "configs").glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    from kvqa.config import load_config
+
+    cfg = load_config(ROOT / "data" / "configs" / name)
+    assert cfg.sources and all(Path(p).is_absolute() for s in cfg.sources for p in (*s.label_files, s.image_dir))
+
+
+def test_a_boxes_source_takes_one_input(tmp_path):
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match="exactly one of boxes_json and masks_dir"):
+        BoxesSource(name="x", boxes_json=tmp_path / "a.json", masks_dir=tmp_path, box_labels=("polyp",),
+                    image_label="polyp", image_dir=tmp_path)
