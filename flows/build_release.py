@@ -8,6 +8,7 @@ Each task is a thin wrapper: it calls one stage function, writes the stage's par
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -79,8 +80,11 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
 
 
 def _encoder_and_cache(cfg: Config):
+    """The encoder and its on-disk cache: `dedup.cache_dir`, else $KVQA_EMBED_CACHE (one cache for runs
+    under several output roots, e.g. CI), else `<output_root>/embed-cache`."""
     encoder = SentenceTransformerEncoder(cfg.dedup.model, cfg.dedup.batch_size)
-    return encoder, EmbeddingCache(cfg.dedup.cache_dir or cfg.output_root / "embed-cache", encoder.model_id)
+    folder = cfg.dedup.cache_dir or Path(os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
+    return encoder, EmbeddingCache(folder, encoder.model_id)
 
 
 @task(cache_policy=NONE)

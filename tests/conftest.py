@@ -19,6 +19,9 @@ SAMPLE_DIR = ROOT / "data" / "sample"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# One question-embedding cache for every build of the session, whatever its output root: the flow tests
+# build the sample a dozen times, and embedding is keyed by text, so only the first build pays for it.
+os.environ.setdefault("KVQA_EMBED_CACHE", tempfile.mkdtemp(prefix="kvqa-embed-cache-"))
 
 
 @pytest.fixture(scope="session")
