@@ -96,7 +96,8 @@ def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
         qa = read_table(run_dir / "stages/qa.parquet")
         if cfg.dedup.enabled:
             kept, duplicates, figures, timings = deduplicate(qa, cfg.dedup, *_encoder_and_cache(cfg), seed=cfg.seed)
-            log.info("dedup: embedding %.1f s, global scope %.1f s", timings["embed_s"], timings.get("global_s", 0))
+            log.info("dedup: %d texts embedded (the rest from the cache) in %.1f s, global scope %.1f s",
+                     timings["texts_embedded"], timings["embed_s"], timings.get("global_s", 0))
         else:
             kept, duplicates, figures = qa, pd.DataFrame(columns=DUPLICATE_COLUMNS), {"enabled": False}
         reconcile("QA rows through dedup", len(qa), len(kept), len(duplicates))
