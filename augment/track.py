@@ -170,12 +170,16 @@ def plan_chunks(images: pd.DataFrame, run_dir: Path, chunk_size: int) -> list[li
 ChunkRunner = Callable[[list[list[dict]], RenderSettings], list[ChunkResult]]
 
 
-def run_in_processes(workers: int) -> ChunkRunner:
-    """Render chunks in `workers` processes (0 = one per core), with a progress bar."""
+def submit_to_pool(pool: ProcessPoolExecutor, chunks: list[list[dict]], settings: RenderSettings) -> list:
+    return [pool.submit(render_chunk, c, settings) for c in chunks]
+
+
+def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
+    """Render chunks in `workers` processes (0 = one per core), with a progress bar. `submit(pool, chunks,
+    settings)` returns one future per chunk (the flow's maps a Prefect task per chunk onto the pool)."""
     def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
-        n = workers or os.cpu_count() or 1
-        with ProcessPoolExecutor(max_workers=n) as pool:
-            futures = [pool.submit(render_chunk, c, settings) for c in chunks]
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+            futures = submit(pool, chunks, settings)
             with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
                       disable=sum(map(len, chunks)) < 50) as bar:
                 results = []

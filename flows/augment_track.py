@@ -9,15 +9,14 @@ stages it needs.
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
-from tqdm.auto import tqdm
 
-from augment import RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk
+from augment import (RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk,
+                     run_in_processes)
 from augment.track import ChunkResult
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.stage_cache import cached_stage, code_version, digests
@@ -33,19 +32,9 @@ def augment_chunk(chunk: list[dict], index: int, settings: RenderSettings, pool:
     return pool.submit(render_chunk, chunk, settings).result()
 
 
-def prefect_chunk_runner(workers: int):
-    """A ChunkRunner that maps one Prefect task per chunk over a process pool."""
-    def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
-            futures = augment_chunk.map(chunks, range(len(chunks)), unmapped(settings), unmapped(pool))
-            results = []
-            with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
-                      disable=sum(map(len, chunks)) < 50) as bar:
-                for chunk, fut in zip(chunks, futures):
-                    results.append(fut.result())
-                    bar.update(len(chunk))
-        return results
-    return run
+def map_prefect_tasks(pool: Executor, chunks: list[list[dict]], settings: RenderSettings) -> list:
+    """One Prefect task per chunk, each handing its chunk to the process pool."""
+    return augment_chunk.map(chunks, range(len(chunks)), unmapped(settings), unmapped(pool))
 
 
 @task(cache_policy=NONE)
@@ -63,7 +52,7 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
         if not a.enabled:
             images = images.iloc[:0]
         records, bad, figures, rendered = augment_images(images, settings, chunk_size=a.chunk_size,
-                                                         run_chunks=prefect_chunk_runner(a.workers))
+                                                         run_chunks=run_in_processes(a.workers, map_prefect_tasks))
         reconcile("images through augment", len(images), figures["augmented_images"], len(bad))
         reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), len(records))
         log.info("augment: %d variants rendered, %d verified on disk", rendered, len(records) - rendered)

@@ -165,14 +165,14 @@ def test_bad_labels_and_boxes_are_quarantined_with_reasons(tmp_path, catalog):
     assert not any(parsed.facts[(parsed.facts.img_id == "a4")].question_class == "polyp_count")
 
 
-def test_build_from_hyperkvasir_labels_and_real_frames_loads(real, tmp_path):
+def test_build_from_hyperkvasir_labels_and_real_frames_loads(real, catalog, tmp_path):
     """Real HyperKvasir label rows and boxes, the real Kvasir-SEG frames under their HyperKvasir ids (linked in
     a temporary folder, found by matching mask boxes), Kvasir-SEG masks and Kvasir-Instrument boxes as two more
     sources; rows of images without a file are quarantined, the release loads with `datasets`."""
     import datasets
 
     seg = parse_boxes_source(BoxesSource(name="kvasir-seg", masks_dir=SEG / "masks", box_labels=("polyp",),
-                                         image_label="polyp", image_dir=SEG / "images"), _catalog())
+                                         image_label="polyp", image_dir=SEG / "images"), catalog)
     matched = match_seg_frames(seg.facts)
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -217,12 +217,6 @@ def test_build_from_hyperkvasir_labels_and_real_frames_loads(real, tmp_path):
     assert set(q[q.stage == "images"].reason) == {"missing_image"}
     card = (run / "release" / "README.md").read_text()
     assert "| hyper-kvasir | hyperkvasir | CC BY 4.0 |" in card and "| kvasir-seg | boxes | CC BY 4.0 |" in card
-
-
-def _catalog():
-    from kvqa.catalog import load_catalog
-
-    return load_catalog()
 
 
 BBPS_ENTRY = ROOT / "prompts" / "examples" / "bbps_score.yaml"
