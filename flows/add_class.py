@@ -6,42 +6,30 @@ are drawn without added classes (`generate.plans.compose_plans`), the new class'
 realization is seeded per plan, dedup compares rows with the same class set only, and images, splits and
 augmented variants are cached. The caches make it incremental (only the new rows are realised, embedded,
 sent to an LLM). A guard compares every release row before and after; if any changed (the new class put
-facts on images the run did not have, which moves the split), the addition is rolled back.
+facts on images the run did not have, which moves the split), the addition is rolled back: the run folder
+is restored from a hard-link snapshot taken before, so every file is as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from prefect import flow
 
 from flows.build_release import build_release
-from flows.run_state import class_additions, recorded_config, write_class_additions
+from flows.run_state import (class_additions, drop_snapshot, recorded_config, restore_run, run_lock, snapshot_run,
+                             write_class_additions)
 from kvqa.catalog import load_catalog
 from kvqa.config import load_config
 from kvqa.tables import read_table
+from publish.release import release_row_digests
 
 log = logging.getLogger("kvqa")
 
 
 class AddClassError(RuntimeError):
     """The class cannot be added to this run (unknown, already there, run not built, or rows would change)."""
-
-
-def release_row_digests(release_dir: Path) -> dict[str, str]:
-    """qa_id -> sha256 of the whole row of the `default` config (image bytes included)."""
-    out = {}
-    for shard in sorted((Path(release_dir) / "data").glob("*.parquet")):
-        for batch in pq.ParquetFile(shard).iter_batches(batch_size=1000):
-            for row in batch.to_pylist():
-                image = row.pop("image")
-                row["image"] = [image["path"], hashlib.sha256(image["bytes"]).hexdigest()]
-                out[row["qa_id"]] = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
-    return out
 
 
 def resolve_run(run: str, output_root: str | None) -> Path:
@@ -77,31 +65,34 @@ def check_addition(name: str, run: str, config_path: str | None, output_root: st
 def add_question_class(name: str, run: str, config_path: str | None = None, output_root: str | None = None) -> dict:
     """Add the catalog class `name` to the built run `run`; return what was added."""
     run_dir, config = check_addition(name, run, config_path, output_root)
-    before_additions = class_additions(run_dir)
-    facts = read_table(run_dir / "stages" / "facts.parquet")
-    before = release_row_digests(run_dir / "release")
-    old_images = set(zip(facts["source"], facts["img_id"]))
-    write_class_additions(run_dir, (*before_additions, name))
-    try:
-        report = build_release(str(config), str(run_dir.parent))
-    except BaseException:
-        write_class_additions(run_dir, before_additions)
-        raise
-    after = release_row_digests(run_dir / "release")
-    changed = sorted(q for q, d in before.items() if after.get(q) != d)
-    if changed:
-        new_facts = read_table(run_dir / "stages" / "facts.parquet")
-        new_images = set(zip(new_facts["source"], new_facts["img_id"])) - old_images
-        write_class_additions(run_dir, before_additions)
-        build_release(str(config), str(run_dir.parent))  # back to the release as it was
-        raise AddClassError(f"adding {name!r} would change {len(changed)} existing rows (e.g. {changed[:3]}); "
-                            f"it brings {len(new_images)} images the run did not have, which moves the split. "
-                            "Rolled back; rebuild the run from scratch with the class in the catalog instead.")
-    qa = read_table(run_dir / "stages" / "qa_dedup.parquet")
-    new_rows = qa[qa["question_class"].map(lambda c: name in c)]
-    added = {"class": name, "run": run_dir.name, "release_rows_before": len(before), "release_rows_after": len(after),
-             "rows_added_per_level": {int(k): int(v) for k, v in new_rows["complexity"].value_counts().sort_index().items()},
-             "facts_added": int((read_table(run_dir / "stages" / "facts.parquet")["question_class"] == name).sum())}
-    log.info("added %s to %s: %d facts, release rows %d -> %d, existing rows unchanged", name, run_dir.name,
-             added["facts_added"], len(before), len(after))
-    return {**added, "report": report}
+    with run_lock(run_dir, "add_question_class"):
+        before_additions = class_additions(run_dir)
+        facts = read_table(run_dir / "stages" / "facts.parquet")
+        before = release_row_digests(run_dir / "release")
+        old_images = set(zip(facts["source"], facts["img_id"]))
+        snap = snapshot_run(run_dir)
+        write_class_additions(run_dir, (*before_additions, name))
+        try:
+            report = build_release(str(config), str(run_dir.parent))
+            after = release_row_digests(run_dir / "release")
+        except BaseException:
+            restore_run(run_dir, snap)
+            raise
+        changed = sorted(q for q, d in before.items() if after.get(q) != d)
+        if changed:
+            new_facts = read_table(run_dir / "stages" / "facts.parquet")
+            new_images = set(zip(new_facts["source"], new_facts["img_id"])) - old_images
+            restore_run(run_dir, snap)  # every file back as it was, byte for byte
+            raise AddClassError(f"adding {name!r} would change {len(changed)} existing rows (e.g. {changed[:3]}); "
+                                f"it brings {len(new_images)} images the run did not have, which moves the split. "
+                                "Rolled back (the run folder is as it was); rebuild the run from scratch with the "
+                                "class in the catalog instead, or remove its entry before the next build of this run.")
+        drop_snapshot(snap)
+        qa = read_table(run_dir / "stages" / "qa_dedup.parquet")
+        new_rows = qa[qa["question_class"].map(lambda c: name in c)]
+        added = {"class": name, "run": run_dir.name, "release_rows_before": len(before), "release_rows_after": len(after),
+                 "rows_added_per_level": {int(k): int(v) for k, v in new_rows["complexity"].value_counts().sort_index().items()},
+                 "facts_added": int((read_table(run_dir / "stages" / "facts.parquet")["question_class"] == name).sum())}
+        log.info("added %s to %s: %d facts, release rows %d -> %d, existing rows unchanged", name, run_dir.name,
+                 added["facts_added"], len(before), len(after))
+        return {**added, "report": report}

@@ -19,6 +19,7 @@ from augment import (RenderSettings, augment_images, contact_sheet, load_artifac
                      run_in_processes)
 from augment.track import ChunkResult
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
+from flows.run_state import run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from kvqa.config import Config, load_config
 from kvqa.tables import atomic_path, read_table, write_table
@@ -81,11 +82,12 @@ def augment_track(config_path: str | None = None, output_root: str | None = None
     """
     cfg = load_config(config_path, {"output_root": output_root} if output_root else None)
     run_dir = Path(cfg.run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    if not inputs_ready:
-        parse_sources(cfg, run_dir)
-        check_images(cfg, run_dir)
-    summary = augment_stage(cfg, run_dir)
-    log.info("augmented track: %d of %d images, %d variants in %s", summary["augmented_images"],
-             summary["images"], summary["variants"], run_dir / "augmented")
-    return summary
+    with run_lock(run_dir, "augment_track"):
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        if not inputs_ready:
+            parse_sources(cfg, run_dir)
+            check_images(cfg, run_dir)
+        summary = augment_stage(cfg, run_dir)
+        log.info("augmented track: %d of %d images, %d variants in %s", summary["augmented_images"],
+                 summary["images"], summary["variants"], run_dir / "augmented")
+        return summary

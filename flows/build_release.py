@@ -21,15 +21,16 @@ from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceT
                    cross_split_leakage, deduplicate, question_vectors)
 from flows.augment_track import augment_track
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
-from flows.run_state import class_additions, record_run
+from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config
-from kvqa.tables import file_digest, quarantine_frame, read_table, write_json, write_table, write_text
+from kvqa.tables import file_digest, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
-from publish.release import augmented_rows, release_rows, write_augmented_release
+from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
+from publish.split import usable_images
 from publish.swift import write_swift_jsonl
 
 log = logging.getLogger("kvqa")
@@ -134,9 +135,7 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
     def build():
         qa = read_table(run_dir / "stages/qa_dedup.parquet")
         images = read_table(run_dir / "stages/images.parquet")
-        usable = (qa[["source", "img_id", "source_label"]].drop_duplicates()
-                  .merge(images[["source", "img_id", "sha256"]], on=["source", "img_id"]))
-        splits = assign_splits(usable, cfg.split.test_fraction, cfg.seed)
+        splits = assign_splits(usable_images(qa, images), cfg.split.test_fraction, cfg.seed)
         write_table(splits, run_dir / "stages/splits.parquet")
         return ({"images": {str(k): int(v) for k, v in splits["split"].value_counts().sort_index().items()}},
                 ["stages/splits.parquet"])
@@ -145,49 +144,63 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
 
 
 @task(cache_policy=NONE)
-def write_hub_release(cfg: Config, run_dir: Path, config_text: str, dedup_figures: dict, leakage: dict) -> dict:
+def write_hub_release(cfg: Config, run_dir: Path) -> dict:
+    """The release's parquet shards (both configs). The card is its own stage: a wording change of the
+    card must not rewrite the shards."""
     upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
-                "stages/augmentations.parquet", *QUARANTINE_FILES[:4]]
-    key = {"code": code_version("publish"), "publish": cfg.publish.model_dump(mode="json"),
-           "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
-           "dedup": dedup_figures, "leakage": leakage,
+                "stages/augmentations.parquet", "stages/quarantine_images.parquet"]
+    key = {"code": code_version("publish"),
+           "publish": cfg.publish.model_dump(mode="json", include={"max_shard_bytes", "row_group_rows"}),
            "inputs": digests(run_dir, *upstream)}
 
     def build():
-        qa = read_table(run_dir / "stages/qa_dedup.parquet")
-        splits = read_table(run_dir / "stages/splits.parquet")
-        images = read_table(run_dir / "stages/images.parquet")
+        qa, splits, images, augmentations, bad_images = (read_table(run_dir / f) for f in upstream)
         kept = release_rows(qa, splits, images)["qa_id"]
-        bad_images = read_table(run_dir / "stages/quarantine_images.parquet")
-        reasons = dict(zip(zip(bad_images["source"], bad_images["key"]), bad_images["reason"]))
-        dropped = qa[~qa["qa_id"].isin(kept)]
-        rejected = quarantine_frame([
-            {"stage": "publish", "source": r.source, "key": r.qa_id,
-             "reason": "image_quarantined", "detail": f"image {r.img_id}: {reasons.get((r.source, r.img_id), '?')}",
-             "raw": ""} for r in dropped.itertuples(index=False)])
+        rejected = unreleased_rows(qa, kept, bad_images)
         reconcile("QA rows", len(qa), len(kept), len(rejected))
         write_table(rejected, run_dir / "stages/quarantine_publish.parquet")
         release_dir = run_dir / "release"
         files = write_release(qa, splits, images, release_dir, cfg.publish)
-        augmentations = read_table(run_dir / "stages/augmentations.parquet")
         augmented = write_augmented_release(qa, splits, images, augmentations, run_dir, release_dir, cfg.publish)
         if not augmented:
             shutil.rmtree(release_dir / "augmented", ignore_errors=True)
-        quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
-        card, counts = render_card(
-            release_dir, files, pretty_name=cfg.publish.pretty_name, license=cfg.publish.license,
-            sources=[{"name": s.name, "kind": s.kind, "license": s.license} for s in cfg.sources],
-            generator=(", ".join(sorted(qa["generator"].unique())) + f"; catalog {load_catalog(cfg.catalog).template_version}"),
-            config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
-            augmented_files=augmented, augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base))
-        write_text(card, release_dir / "README.md")
-        outputs = ["stages/quarantine_publish.parquet", "release/README.md",
+        outputs = ["stages/quarantine_publish.parquet",
                    *[f"release/{f['file']}" for config in (files, augmented) for fs in config.values() for f in fs]]
         return {"rows": {s: sum(f["rows"] for f in fs) for s, fs in files.items()},
                 "augmented_rows": {s: sum(f["rows"] for f in fs) for s, fs in augmented.items()},
-                "dropped_for_images": len(rejected), "counts": counts}, outputs
+                "dropped_for_images": len(rejected), "files": files, "augmented_files": augmented}, outputs
 
     return cached_stage(run_dir, "release", key, build)
+
+
+@task(cache_policy=NONE)
+def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: str, dedup_figures: dict,
+                       leakage: dict) -> dict:
+    """`release/README.md`, computed from the written shards (see `publish.card`)."""
+    shards = [f"release/{f['file']}" for key in ("files", "augmented_files")
+              for fs in release[key].values() for f in fs]
+    catalog = load_catalog(cfg.catalog)
+    key = {"code": code_version("publish", "augment"),
+           "publish": cfg.publish.model_dump(mode="json", include={"pretty_name", "license"}),
+           "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
+           "catalog": catalog.template_version, "augment_catalog": file_digest(cfg.augment.catalog),
+           "dedup": dedup_figures, "leakage": leakage, "inputs": digests(run_dir, *shards, *QUARANTINE_FILES,
+                                                                         "stages/qa_dedup.parquet")}
+
+    def build():
+        qa = read_table(run_dir / "stages/qa_dedup.parquet")
+        quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
+        card, counts = render_card(
+            run_dir / "release", release["files"], pretty_name=cfg.publish.pretty_name, license=cfg.publish.license,
+            sources=[{"name": s.name, "kind": s.kind, "license": s.license} for s in cfg.sources],
+            generator=", ".join(sorted(qa["generator"].unique())) + f"; catalog {catalog.template_version}",
+            config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
+            augmented_files=release["augmented_files"],
+            augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base))
+        write_text(card, run_dir / "release/README.md")
+        return {"counts": counts}, ["release/README.md"]
+
+    return cached_stage(run_dir, "card", key, build)
 
 
 @task(cache_policy=NONE)
@@ -217,26 +230,29 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     cfg = load_config(config_path, overrides)
     config_text = Path(config_path or SAMPLE_CONFIG_PATH).read_text()
     run_dir = Path(cfg.run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    record_run(run_dir, Path(config_path or SAMPLE_CONFIG_PATH))
-    report = {"run_name": cfg.run_name, "seed": cfg.seed, "added_classes": list(class_additions(run_dir))}
-    report["sources"] = parse_sources(cfg, run_dir)
-    report["plans"] = plan_pairs(cfg, run_dir)
-    report["generate"] = realize_pairs(cfg, run_dir)
-    report["dedup"] = deduplicate_pairs(cfg, run_dir)
-    report["images"] = check_images(cfg, run_dir)
-    report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
-    report["splits"] = split_images(cfg, run_dir)
-    report["leakage"] = leakage_report(cfg, run_dir)
-    report["release"] = write_hub_release(cfg, run_dir, config_text, report["dedup"], report["leakage"])
-    report["export"] = export_swift(cfg, run_dir)
-    quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
-    write_table(quarantine, run_dir / "quarantine.parquet")
-    report["quarantine"] = {"total": len(quarantine),
-                            "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
-                                                quarantine.groupby(["stage", "reason"]).size().items()}}
-    write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
-    rows = report["release"]["rows"]
-    log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
-             sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))
-    return {**report, "run_dir": str(run_dir), "release_dir": str(run_dir / "release")}
+    with run_lock(run_dir, "build_release"):
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        record_run(run_dir, Path(config_path or SAMPLE_CONFIG_PATH))
+        report = {"run_name": cfg.run_name, "seed": cfg.seed, "added_classes": list(class_additions(run_dir))}
+        report["sources"] = parse_sources(cfg, run_dir)
+        report["plans"] = plan_pairs(cfg, run_dir)
+        report["generate"] = realize_pairs(cfg, run_dir)
+        report["dedup"] = deduplicate_pairs(cfg, run_dir)
+        report["images"] = check_images(cfg, run_dir)
+        report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
+        report["splits"] = split_images(cfg, run_dir)
+        report["leakage"] = leakage_report(cfg, run_dir)
+        release = write_hub_release(cfg, run_dir)
+        report["release"] = {k: v for k, v in release.items() if k not in ("files", "augmented_files")}
+        report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"])
+        report["export"] = export_swift(cfg, run_dir)
+        quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
+        write_table(quarantine, run_dir / "quarantine.parquet")
+        report["quarantine"] = {"total": len(quarantine),
+                                "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
+                                                    quarantine.groupby(["stage", "reason"]).size().items()}}
+        write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
+        rows = report["release"]["rows"]
+        log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
+                 sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))
+        return {**report, "run_dir": str(run_dir), "release_dir": str(run_dir / "release")}

@@ -4,12 +4,19 @@
 `--config`. `class_additions.json` lists the classes added with `kvqa add-class`, in order: the plans stage
 draws the base plans without them and each added class's plans on top, so a later `kvqa build` of the same
 run reproduces the same rows (and a fresh run folder, without the file, regenerates from scratch).
+`run_lock` makes each run folder single-writer.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
 
 from kvqa.tables import write_json
 
@@ -36,3 +43,81 @@ def write_class_additions(run_dir: Path, classes: tuple[str, ...]) -> None:
         write_json({"classes": list(classes)}, Path(run_dir) / ADDITIONS_FILE)
     else:
         (Path(run_dir) / ADDITIONS_FILE).unlink(missing_ok=True)
+
+
+class RunBusyError(RuntimeError):
+    """Another kvqa command holds the run folder: two writers would vouch for each other's files."""
+
+
+_LOCKS: dict[Path, FileLock] = {}
+
+
+def lock_path(run_dir: Path) -> Path:
+    """The lock file of a run folder: beside it, not in it, so the run folder holds only outputs."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path, command: str) -> Iterator[None]:
+    """Hold the run folder for one kvqa command; a second command (another process) fails at once.
+
+    Re-entrant within a process: `build_release` runs `augment_track` as a subflow and `add-class` runs
+    `build_release`, each taking the lock again. The lock is an OS file lock (`filelock`), so it is
+    released when the process dies, however it dies: a killed run never leaves the folder locked.
+    """
+    path = lock_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _LOCKS.setdefault(path, FileLock(path, thread_local=False, fallback_to_soft=False))
+    owner = path.with_name(path.name + ".json")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = json.loads(owner.read_text()) if owner.is_file() else {}
+        raise RunBusyError(f"run {Path(run_dir).name!r} ({Path(run_dir).resolve()}) is in use by another kvqa "
+                           f"command (pid {holder.get('pid', '?')}: {holder.get('command', '?')}); "
+                           "wait for it to finish or stop it") from None
+    try:
+        if lock.lock_counter == 1:
+            write_json({"pid": os.getpid(), "command": command}, owner)
+        yield
+    finally:
+        lock.release()
+
+
+def snapshot_run(run_dir: Path) -> Path:
+    """Hard-link every file of the run folder into a snapshot beside it, for `restore_run`.
+
+    Cheap whatever the run's size (no bytes are copied) and exact, because every file of a run folder is
+    written to a temporary name and renamed into place, never modified in place: a later write replaces
+    the run folder's link and leaves the snapshot's file as it was.
+    """
+    run_dir = Path(run_dir)
+    snap = run_dir.parent / f".{run_dir.name}.snapshot"
+    shutil.rmtree(snap, ignore_errors=True)
+    for path in sorted(run_dir.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            target = snap / path.relative_to(run_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(path, target)
+    return snap
+
+
+def restore_run(run_dir: Path, snap: Path) -> None:
+    """Put the run folder back exactly as `snapshot_run` saw it: files it did not have are removed."""
+    run_dir, snap = Path(run_dir), Path(snap)
+    saved = {p.relative_to(snap) for p in snap.rglob("*") if p.is_file()}
+    for path in sorted(run_dir.rglob("*"), reverse=True):
+        rel = path.relative_to(run_dir)
+        if path.is_file() and rel not in saved:
+            path.unlink()
+        elif path.is_dir() and not (snap / rel).is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    for rel in sorted(saved):
+        (run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(snap / rel, run_dir / rel)
+    shutil.rmtree(snap)
+
+
+def drop_snapshot(snap: Path) -> None:
+    shutil.rmtree(snap, ignore_errors=True)

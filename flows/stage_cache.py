@@ -8,10 +8,12 @@ stage, and a re-run with anything changed (config, inputs, catalog, code) redoes
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
 import signal
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -21,9 +23,38 @@ from kvqa.tables import file_digest, stable_hash, write_json
 log = logging.getLogger("kvqa")
 
 
+# Top-level packages whose code can decide a stage's output. `flows` is not one of them: it only
+# orchestrates (a stage never imports it), so editing the CLI or a flow's wiring redoes nothing.
+STAGE_PACKAGES = ("kvqa", "sources", "generate", "dedup", "augment", "publish")
+
+
+@lru_cache(maxsize=None)
+def _imported_packages(package: str) -> frozenset[str]:
+    """The stage packages that `package`'s modules import (directly)."""
+    found = set()
+    for path in (PROJECT_ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            found |= {n.split(".")[0] for n in names} & set(STAGE_PACKAGES)
+    return frozenset(found)
+
+
+def stage_packages(*packages: str) -> list[str]:
+    """The named packages and every stage package they import, transitively (always `kvqa`)."""
+    todo, seen = ["kvqa", *packages], set()
+    while todo:
+        pkg = todo.pop()
+        if pkg not in seen:
+            seen.add(pkg)
+            todo.extend(_imported_packages(pkg))
+    return sorted(seen)
+
+
 def code_version(*packages: str) -> str:
-    """A digest of every .py file of the named top-level packages (plus the shared core)."""
-    files = sorted(p for pkg in ("kvqa", *packages) for p in (PROJECT_ROOT / pkg).rglob("*.py"))
+    """A digest of every .py file a stage can run: the named packages and, transitively, every stage
+    package they import (so a change to a helper in another package redoes the stage too)."""
+    files = sorted(p for pkg in stage_packages(*packages) for p in (PROJECT_ROOT / pkg).rglob("*.py"))
     return stable_hash(*(f"{p.relative_to(PROJECT_ROOT)}:{file_digest(p)}" for p in files))[:16]
 
 

@@ -13,6 +13,8 @@ group whatever the release size.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +24,7 @@ from datasets import Features, Image, List, Value
 from tqdm.auto import tqdm
 
 from kvqa.config import PublishConfig
-from kvqa.tables import atomic_path, file_digest, plain_boxes
+from kvqa.tables import atomic_path, file_digest, plain_boxes, quarantine_frame
 
 RELEASE_COLUMNS = ["img_id", "complexity", "question", "answer", "original", "question_class", "image",
                    "qa_id", "source", "source_label", "generator", "generator_version", "prompt_hash", "boxes"]
@@ -56,6 +58,32 @@ def release_rows(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame) -
     rows = rows.merge(images[["source", "img_id", "path", "n_bytes"]], on=["source", "img_id"], how="inner")
     rows["image_name"] = rows["img_id"] + rows["path"].map(lambda p: Path(p).suffix.lower())
     return rows.sort_values(["split", "source", "img_id", "complexity", "qa_id"], kind="stable")
+
+
+def unreleased_rows(qa: pd.DataFrame, released_ids: pd.Series, bad_images: pd.DataFrame) -> pd.DataFrame:
+    """Quarantine rows (`publish/image_quarantined`) for the QA rows that are not in the release because
+    their image was quarantined, each naming the image and the image stage's reason."""
+    reasons = dict(zip(zip(bad_images["source"], bad_images["key"]), bad_images["reason"]))
+    dropped = qa[~qa["qa_id"].isin(released_ids)]
+    return quarantine_frame([
+        {"stage": "publish", "source": r.source, "key": r.qa_id, "reason": "image_quarantined",
+         "detail": f"image {r.img_id}: {reasons.get((r.source, r.img_id), '?')}", "raw": ""}
+        for r in dropped.itertuples(index=False)])
+
+
+def release_row_digests(release_dir: Path) -> dict[str, str]:
+    """qa_id -> sha256 of the whole row of the `default` config (image bytes included) and of its split:
+    what "a release row is unchanged" means when a class is added to a built run. The split is not a
+    column, so it is taken from the shard's name: a row that moves from test to train has changed."""
+    out = {}
+    for shard in sorted((Path(release_dir) / "data").glob("*.parquet")):
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=1000):
+            for row in batch.to_pylist():
+                image = row.pop("image")
+                row["image"] = [image["path"], hashlib.sha256(image["bytes"]).hexdigest()]
+                row["split"] = shard.name.split("-", 1)[0]
+                out[row["qa_id"]] = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()
+    return out
 
 
 def augmented_rows(rows: pd.DataFrame, augmentations: pd.DataFrame, run_dir: Path) -> pd.DataFrame:

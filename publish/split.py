@@ -19,6 +19,13 @@ from kvqa.tables import stable_hash
 SPLIT_COLUMNS = ["source", "img_id", "source_label", "split"]
 
 
+def usable_images(qa: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
+    """One row per image that has QA rows and a usable file: source, img_id, source_label, sha256 (the
+    input of `assign_splits`). An image without rows or without a usable file has nothing to split."""
+    return (qa[["source", "img_id", "source_label"]].drop_duplicates()
+            .merge(images[["source", "img_id", "sha256"]], on=["source", "img_id"]))
+
+
 def assign_splits(images: pd.DataFrame, test_fraction: float, seed: int) -> pd.DataFrame:
     """`images` has one row per usable image with columns source, img_id, source_label (and sha256)."""
     parts = []

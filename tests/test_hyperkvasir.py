@@ -223,7 +223,7 @@ BBPS_ENTRY = ROOT / "prompts" / "examples" / "bbps_score.yaml"
 
 
 def _release_rows(release: Path) -> dict[str, str]:
-    from flows.add_class import release_row_digests
+    from publish.release import release_row_digests
 
     return release_row_digests(release)
 
