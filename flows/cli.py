@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 import flows  # noqa: F401  (sets Prefect's offline, quiet defaults before prefect is imported)
+from flows.supervise import supervise
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Regenerate a Kvasir-VQA-x1-style GI-endoscopy VQA dataset from source labels.")
@@ -27,6 +28,7 @@ def build(config: Optional[Path] = typer.Option(None, "--config", "-c", exists=T
                                                 help="run config YAML (default: the embedded sample)"),
           output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
     """Build a Hub-ready release folder from source labels and images."""
+    supervise()
     _logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flows.build_release import build_release
@@ -92,6 +94,7 @@ def augment(config: Optional[Path] = typer.Option(None, "--config", "-c", exists
                                                   help="run config YAML (default: the embedded sample)"),
             output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
     """Make (or complete) only the augmented track of a run: ten weak imaging artifacts per image."""
+    supervise()
     _logging()
     from flows.augment_track import augment_track
 
@@ -109,6 +112,7 @@ def add_class(name: str = typer.Argument(..., help="the catalog class to add (it
                                                     help="run config (default: the one the run was built from)"),
               output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
     """Add a new question class's pairs to a built run; existing rows stay byte-identical."""
+    supervise()
     _logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flows.add_class import AddClassError, add_question_class, check_addition
