@@ -49,12 +49,14 @@ def _checked_config(config: Optional[Path], output_root: Optional[Path]):
 
     from augment import CatalogError, load_artifact_catalog
     from kvqa.config import load_config
+    from kvqa.redact import validation_message
 
     try:
         cfg = load_config(config, {"output_root": str(output_root)} if output_root else None)
         load_artifact_catalog(cfg.augment.catalog)
     except (ValidationError, ValueError, CatalogError, OSError) as err:
-        fail(f"invalid config {config or '(embedded sample)'}:\n{err}")
+        # Not pydantic's own text: it echoes the failing input, credentials included.
+        fail(f"invalid config {config or '(embedded sample)'}:\n{validation_message(err)}")
     missing = [str(p) for s in cfg.sources for p in (*s.label_files, s.image_dir) if not p.exists()]
     if missing:
         fail(f"input not found: {', '.join(missing)}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from generate.llm import ChatReply, ChatRequest, OnReply
-from generate.openai_backend import chat_body, reply_from_completion
+from generate.openai_backend import reply_from_completion
 from kvqa.config import LLMConfig
 from kvqa.tables import write_text
 
@@ -54,6 +54,9 @@ def read_results(paths: Sequence[Path]) -> dict[str, ChatReply]:
 
 class BatchTransport:
     name = "batch"
+    # Results come from wherever the file was run (the Batch API, `vllm run_batch`): one endpoint for all.
+    endpoint = "batch"
+    body_defaults: dict = {}
 
     def __init__(self, config: LLMConfig, default_dir: Path):
         self.config = config
@@ -64,7 +67,7 @@ class BatchTransport:
         missing = [r for r in requests if r.key not in self.results]
         if missing:
             lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": "/v1/chat/completions",
-                                 "body": chat_body(r, self.config.model, self.config.extra_body)},
+                                 "body": r.body},
                                 sort_keys=True, ensure_ascii=False) for r in missing]
             text = "\n".join(lines) + "\n"
             path = self.folder / f"batch-{stage}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"

@@ -25,11 +25,23 @@ from kvqa.tables import stable_hash
 
 @dataclass(frozen=True)
 class ChatRequest:
-    key: str  # the cache key; also the Batch API custom_id
-    messages: list[dict]
-    schema_name: str
-    schema: dict
-    params: dict  # sampling parameters: temperature, max_tokens, and a seed per item
+    key: str  # the cache key (a hash of `body` and the transport's endpoint); also the Batch API custom_id
+    body: dict  # the chat-completions request body, exactly as the transport sends it (`chat_body`)
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.body["messages"]
+
+
+def chat_body(model: str, messages: list[dict], params: dict, schema_name: str, schema: dict,
+              extra: dict) -> dict:
+    """The chat-completions request body: what the `openai` transport POSTs, what a Batch API JSONL line
+    carries, what the `vllm` transport turns into `SamplingParams`, and what the cache key hashes.
+    `extra` (the config's `extra_body` over the transport's defaults) is merged last, as the server sees it."""
+    return {"model": model, "messages": messages, **params,
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": schema_name, "schema": schema, "strict": True}},
+            **extra}
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,11 @@ OnReply = Callable[[ChatRequest, ChatReply], None]
 
 class ChatTransport(Protocol):
     name: str
+    # Where replies come from, as the cache key sees it (`llm_cache.endpoint_id` for a server): a reply
+    # cached from one server is never served for a request to another.
+    endpoint: str
+    # Body fields this transport adds to every request unless `extra_body` sets them.
+    body_defaults: dict
 
     def complete(self, requests: Sequence[ChatRequest], stage: str, on_reply: OnReply) -> list[ChatReply]:
         """One reply per request, in order; `on_reply` is called as each reply arrives (so a run killed
@@ -86,7 +103,12 @@ class StageUsage:
 
 @dataclass
 class LLMClient:
-    """Cache in front of a transport, with usage counted per stage."""
+    """Cache in front of a transport, with usage counted per stage.
+
+    A request's cache key is the hash of its whole body as sent (model, messages, sampling parameters with
+    the per-item seed, response schema, `extra_body`) and of the transport's endpoint: change any of them
+    and the request is sent again; change nothing and nothing is sent.
+    """
 
     transport: ChatTransport
     cache: RequestCache
@@ -103,11 +125,11 @@ class LLMClient:
     def ask(self, stage: str, items: Sequence[str], conversations: Sequence[list[dict]],
             prompt: PromptTemplate) -> list[ChatReply]:
         usage = self.usage.setdefault(stage, StageUsage())
+        extra = {**self.transport.body_defaults, **self.config.extra_body}
         requests = []
         for item, m in zip(items, conversations, strict=True):
-            params = self.params(stage, item)
-            requests.append(ChatRequest(request_key(self.config.model, m, params, prompt.schema_), m,
-                                        prompt.name, prompt.schema_, params))
+            body = chat_body(self.config.model, m, self.params(stage, item), prompt.name, prompt.schema_, extra)
+            requests.append(ChatRequest(request_key(body, self.transport.endpoint), body))
         replies: dict[str, ChatReply] = {}
         missing: dict[str, ChatRequest] = {}
         for req in requests:

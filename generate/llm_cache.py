@@ -1,7 +1,9 @@
 """A request-level cache on disk: nothing is paid for twice.
 
-The key is a hash of everything that determines a reply: model, messages, sampling parameters (with the
-per-item seed) and response schema. Entries live in append-only segment files, one per writing process
+The key is a hash of everything that determines a reply: the request body exactly as the transport sends
+it (model, messages, sampling parameters with the per-item seed, response schema, `extra_body`) and the
+endpoint it goes to (`endpoint_id`: the server URL without credentials, which never change a reply).
+Entries live in append-only segment files, one per writing process
 (`seg-<pid>-<random>.jsonl`), one JSON line per reply, flushed as each reply arrives: a process killed
 half way keeps every reply it received, and a torn last line (killed mid-write) fails to parse and is simply
 requested again. Readers load every segment; writers never touch another process's segment, so concurrent
@@ -17,10 +19,26 @@ import os
 import threading
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from kvqa.redact import redact_url
+
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
-def request_key(model: str, messages: list[dict], params: dict, schema: dict | None) -> str:
-    payload = {"model": model, "messages": messages, "params": params, "schema": schema}
+def endpoint_id(base_url: str | None) -> str:
+    """The server part of a cache key: the base URL without userinfo and secret query parameters (so a
+    rotated key or password keeps the cache) and its fragment (never sent), scheme and host lower-cased,
+    no trailing slash; None is OpenAI's default URL.
+
+    One function so that what counts as "the same server" can change in one place."""
+    parts = urlsplit(redact_url(base_url or OPENAI_DEFAULT_BASE_URL, replacement=None))
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, ""))
+
+
+def request_key(body: dict, endpoint: str) -> str:
+    """Hash of the request body as sent and the endpoint it is sent to."""
+    payload = {"endpoint": endpoint, "body": body}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -23,18 +23,17 @@ import openai
 from tqdm.auto import tqdm
 
 from generate.llm import ChatReply, ChatRequest, OnReply
+from generate.llm_cache import OPENAI_DEFAULT_BASE_URL, endpoint_id
 from kvqa.config import LLMConfig
 
 RETRYABLE = {408, 409, 429}
 CONNECTIONS_PER_CLIENT = 8
 
 
-def chat_body(req: ChatRequest, model: str, extra: dict) -> dict:
-    """The chat-completions request body; also what a Batch API JSONL line carries."""
-    return {"model": model, "messages": req.messages, **req.params,
-            "response_format": {"type": "json_schema",
-                                "json_schema": {"name": req.schema_name, "schema": req.schema, "strict": True}},
-            **extra}
+def resolved_base_url(config: LLMConfig) -> str:
+    """The server the requests go to: `base_url`, else `OPENAI_BASE_URL` (which the openai client would
+    read on its own), else OpenAI. Resolved here so that the cache key names the server actually used."""
+    return config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_BASE_URL
 
 
 def reply_from_completion(body: dict) -> ChatReply:
@@ -69,8 +68,12 @@ def retry_after_s(headers) -> float | None:
 class OpenAITransport:
     name = "openai"
 
+    body_defaults: dict = {}
+
     def __init__(self, config: LLMConfig):
         self.config = config
+        self.base_url = resolved_base_url(config)
+        self.endpoint = endpoint_id(self.base_url)
         self.retries = 0
 
     def complete(self, requests: Sequence[ChatRequest], stage: str, on_reply: OnReply) -> list[ChatReply]:
@@ -81,7 +84,7 @@ class OpenAITransport:
         n_clients = -(-cfg.concurrency // CONNECTIONS_PER_CLIENT)
         limits = httpx2.Limits(max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT)
         # A local server needs no key; the client still wants a non-empty string.
-        clients = [openai.AsyncOpenAI(base_url=cfg.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
+        clients = [openai.AsyncOpenAI(base_url=self.base_url, api_key=os.environ.get(cfg.api_key_env) or "EMPTY",
                                       max_retries=0, timeout=cfg.timeout_s,
                                       http_client=openai.DefaultAsyncHttpxClient(limits=limits))
                    for _ in range(n_clients)]
@@ -96,7 +99,7 @@ class OpenAITransport:
             nonlocal tokens
             client = await slots.get()
             try:
-                reply = await self._with_retries(client, chat_body(req, cfg.model, cfg.extra_body))
+                reply = await self._with_retries(client, req.body)
             finally:
                 slots.put_nowait(client)
             on_reply(req, reply)

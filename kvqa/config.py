@@ -6,13 +6,15 @@ move together. Every stage receives only its own section, which is also what its
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kvqa.catalog import DEFAULT_CATALOG_PATH
+from kvqa.redact import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_CONFIG_PATH = PROJECT_ROOT / "data" / "configs" / "sample.yaml"
@@ -257,3 +259,39 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
     else:
         data["output_root"] = str(Path("runs").resolve())
     return Config.model_validate(data)
+
+
+def _public_path(path: str | Path, config_dir: Path) -> str:
+    """A path as the card may show it: relative to the config's folder, else only its file name."""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return p.resolve().relative_to(config_dir).as_posix()
+    except ValueError:
+        return p.name or p.as_posix()
+
+
+def _public(value: Any, config_dir: Path) -> Any:
+    if isinstance(value, dict):
+        return {k: _public(v, config_dir) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_public(v, config_dir) for v in value]
+    if isinstance(value, Path) or (isinstance(value, str) and len(value) > 1 and "\n" not in value
+                                   and os.path.isabs(value)):
+        return _public_path(value, config_dir)
+    return value
+
+
+def public_config_yaml(cfg: Config, config_dir: Path) -> str:
+    """The run's configuration as a release card may publish it.
+
+    Rendered from the validated model (every setting, defaults included, in field order), not from the
+    file's text: credentials are replaced by `<redacted>` (`kvqa.redact`: URL userinfo, secret query
+    parameters, secret-looking keys of `extra_body`/`vllm_engine`), and absolute paths become relative to
+    `config_dir` or, outside it, their file name. `output_root` is left out: it says where this machine
+    keeps its runs (and `--output-root` overrides it), not what the release is. Same config -> same text,
+    wherever the config and the data live.
+    """
+    data = _public(redact(cfg.model_dump(mode="python", exclude={"output_root"})), Path(config_dir).resolve())
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

@@ -116,7 +116,11 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
                 sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
                 dedup: dict | None = None, augmented_files: dict[str, list[dict]] | None = None,
                 augment_recipe: tuple[str, ...] = ()) -> tuple[str, dict]:
-    """Return (README.md text, the counts it states)."""
+    """Return (README.md text, the counts it states).
+
+    `config_yaml` is printed under "Configuration used" as given: pass `kvqa.config.public_config_yaml`'s
+    rendering, never the config file's text (it may hold credentials and this machine's paths).
+    """
     data = read_release_counts(Path(release_dir), files)
     counts = card_counts(data)
     if augmented_files:

@@ -14,11 +14,12 @@ import pytest
 
 from generate import GroundingChecker, PlanFact, compose_plans, make_backend, realize_plans
 from generate.batch_backend import BatchPending, read_results
-from generate.llm import ChatRequest, facts_json
-from generate.llm_cache import RequestCache
+from generate.llm import ChatRequest, chat_body, facts_json
+from generate.llm_cache import RequestCache, endpoint_id
 from generate.prompts import messages_digest
 from generate.realize import plan_inputs
-from generate.vllm_backend import VLLMTransport, VLLMUnavailable, replies_from_outputs, sampling_kwargs
+from generate.vllm_backend import (VLLMTransport, VLLMUnavailable, chat_template_kwargs, replies_from_outputs,
+                                   sampling_kwargs)
 from kvqa.config import GenerateConfig, KvasirVQASource, LLMConfig, PlanConfig
 from kvqa.tables import stable_hash
 from openai_standin import OpenAIStandIn
@@ -69,6 +70,34 @@ def test_all_plans_realised_then_rerun_is_free(small, catalog, tmp_path, monkeyp
     conv = backend.compose.render(facts=facts_json(plan), k=plan.complexity)
     assert row.prompt_hash == messages_digest(conv)[:16]
     assert not any(SECRET in p.read_text() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_cache_key_covers_extra_body_and_endpoint(small, catalog, tmp_path):
+    """Anything that can change a reply sends the requests again; nothing changed sends nothing."""
+    facts, plans = small
+    few = (facts, plans.iloc[:12])
+    cache = tmp_path / "cache"
+    with OpenAIStandIn() as a, OpenAIStandIn() as b:
+        run(llm_config(a.url, cache), few, catalog)
+        assert a.requests == 12
+        run(llm_config(a.url, cache), few, catalog)
+        assert a.requests == 12                                        # nothing changed: 0 requests
+        run(llm_config(a.url, cache, extra_body={"top_p": 0.9}), few, catalog)
+        assert a.requests == 24                                        # extra_body changed: sent again
+        run(llm_config(a.url, cache, extra_body={"chat_template_kwargs": {"enable_thinking": True}}),
+            few, catalog)
+        assert a.requests == 36
+        run(llm_config(b.url, cache), few, catalog)
+        assert (a.requests, b.requests) == (36, 12)                    # another server: sent again
+        run(llm_config(b.url + "/", cache), few, catalog)
+        assert b.requests == 12                                        # the same server, spelt differently
+
+
+def test_endpoint_id_drops_credentials_and_only_them():
+    assert endpoint_id(None) == endpoint_id("https://api.openai.com/v1/") == "https://api.openai.com/v1"
+    assert endpoint_id("http://user:s3cret@GPU-Box:8000/v1?api_key=k&api-version=2024-06-01#token=t") == \
+        "http://gpu-box:8000/v1?api-version=2024-06-01"
+    assert endpoint_id("http://gpu-box:8000/v1") != endpoint_id("http://gpu-box:8001/v1")
 
 
 FAULTS = ["429", "500", "hang", "invalid_json", "missing", "refusal", "contradict", "always_invalid"]
@@ -201,10 +230,21 @@ def test_batch_backend_round_trip(small, catalog, tmp_path):
 
 
 def test_vllm_requests_and_replies_without_vllm():
-    req = ChatRequest("k", [{"role": "user", "content": "hi"}], "compose", {"type": "object"},
-                      {"temperature": 0.7, "max_tokens": 64, "seed": 5})
-    assert sampling_kwargs(req) == {"temperature": 0.7, "max_tokens": 64, "seed": 5,
-                                    "structured_outputs": {"json": {"type": "object"}}}
+    """vLLM runs the same bodies as the other transports: `extra_body` fields become sampling parameters or
+    chat-template arguments, never dropped."""
+    extra = {**VLLMTransport.body_defaults, "top_p": 0.9}
+    body = chat_body("Qwen/Qwen3-8B", [{"role": "user", "content": "hi"}],
+                     {"temperature": 0.7, "max_tokens": 64, "seed": 5}, "compose", {"type": "object"}, extra)
+    req = ChatRequest("k", body)
+    assert sampling_kwargs(body) == {"temperature": 0.7, "max_tokens": 64, "seed": 5, "top_p": 0.9,
+                                     "structured_outputs": {"json": {"type": "object"}}}
+    assert chat_template_kwargs([body, body], "Qwen/Qwen3-8B") == {"enable_thinking": False}
+    thinking = {**body, "chat_template_kwargs": {"enable_thinking": True}}
+    assert chat_template_kwargs([thinking], "Qwen/Qwen3-8B") == {"enable_thinking": True}
+    with pytest.raises(ValueError, match="one chat_template_kwargs"):
+        chat_template_kwargs([body, thinking], "Qwen/Qwen3-8B")
+    with pytest.raises(ValueError, match="one model"):
+        chat_template_kwargs([{**body, "model": "other"}], "Qwen/Qwen3-8B")
 
     class Out:  # the shape of vllm.RequestOutput
         prompt_token_ids = [1, 2, 3]
@@ -244,11 +284,12 @@ def test_killed_run_pays_only_for_missing_requests(small, catalog, tmp_path):
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    cached = len(RequestCache(tmp_path / "cache"))
-    assert 0 < cached < len(plans)
-    with OpenAIStandIn() as standin:
+        cached = len(RequestCache(tmp_path / "cache"))
+        assert 0 < cached < len(plans)
+        # The same server (the cache key names it), healthy again.
+        standin.chooser, sent = (lambda messages, attempt: None), standin.requests
         qa, rejected, _ = run(llm_config(standin.url, tmp_path / "cache"), small, catalog)
-        assert standin.requests == len(plans) - cached
+        assert standin.requests - sent == len(plans) - cached
     assert len(qa) == len(plans)
 
 
