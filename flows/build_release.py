@@ -26,7 +26,7 @@ from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
 from kvqa.catalog import load_catalog
-from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config
+from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
 from kvqa.tables import file_digest, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
 from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
@@ -228,7 +228,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
     """Build a Hub-ready release folder in `<output_root>/<run_name>/release` and a run report."""
     overrides = {"output_root": output_root} if output_root else None
     cfg = load_config(config_path, overrides)
-    config_text = Path(config_path or SAMPLE_CONFIG_PATH).read_text()
+    # The card shows the validated config with credentials redacted and paths relative to its folder.
+    config_text = public_config_yaml(cfg, Path(config_path or SAMPLE_CONFIG_PATH).resolve().parent)
     run_dir = Path(cfg.run_dir)
     with run_lock(run_dir, "build_release"):
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
