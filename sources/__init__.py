@@ -23,7 +23,9 @@ Facts table (`stages/facts.parquet`):
 
 Sources (`kind` in the config): `kvasir_vqa` (sources/kvasir_vqa.py), `hyperkvasir` (labels + optional
 polyp boxes, sources/hyperkvasir.py), `boxes` (Kvasir-Instrument JSON or Kvasir-SEG masks,
-sources/boxes.py). Ids stay as the source has them; `(source, img_id)` is the key everywhere.
+sources/boxes.py). Ids stay as the source has them; `(source, img_id)` is the key everywhere. An id becomes
+a file name, so every reader holds it to one rule (`sources.common.bad_id`) and quarantines it as `bad_id`
+otherwise; a label file that cannot be read at all raises `LabelFileError` (one line: `path:line: what`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ import pandas as pd
 from kvqa.catalog import Catalog
 from kvqa.config import SourceConfig
 from sources.boxes import parse_boxes_source
+from sources.common import FACT_COLUMNS, LabelFileError, ParsedSource, bad_id
 from sources.hyperkvasir import parse_hyperkvasir
-from sources.kvasir_vqa import FACT_COLUMNS, ParsedSource, parse_kvasir_vqa_metadata
+from sources.kvasir_vqa import parse_kvasir_vqa_metadata
 
-__all__ = ["FACT_COLUMNS", "ParsedSource", "parse_boxes_source", "parse_hyperkvasir", "parse_kvasir_vqa_metadata",
-           "read_sources", "units_in_facts"]
+__all__ = ["FACT_COLUMNS", "LabelFileError", "ParsedSource", "bad_id", "parse_boxes_source", "parse_hyperkvasir",
+           "parse_kvasir_vqa_metadata", "read_sources", "units_in_facts"]
 
 READERS = {"kvasir_vqa": parse_kvasir_vqa_metadata, "hyperkvasir": parse_hyperkvasir, "boxes": parse_boxes_source}
 

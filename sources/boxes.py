@@ -13,11 +13,17 @@ instrument tip straddling two cells lists both. The values of a fact are the uni
 
 Relative size (`relative_size`). Box area / frame area: `small` < 5 %, `medium` 5-20 %, `large` >= 20 %;
 the values are the set over the boxes.
+
+Every image id (a JSON key, a mask file's stem) must pass the shared id rule (`sources.common.bad_id`) before
+it is used, or its units are quarantined as `bad_id`: a key `../../x` would otherwise read and write outside
+the image and run folders. A key that appears twice in the JSON (where `json` keeps only the last) quarantines
+every entry under it as `duplicate_image`; two mask files with one stem (`x.png`, `x.bmp`) are
+`ambiguous_image`.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,8 +34,7 @@ from PIL import Image
 from kvqa.catalog import RELATIVE_SIZES, BoxFeed, Catalog
 from kvqa.config import BoxesSource
 from kvqa.tables import stable_hash
-from sources.common import Quarantine
-from sources.kvasir_vqa import ParsedSource, order_facts
+from sources.common import JsonObject, LabelFileError, ParsedSource, Quarantine, bad_id, order_facts, read_json
 
 GRID = [["upper-left", "upper-center", "upper-right"],
         ["center-left", "center", "center-right"],
@@ -101,26 +106,36 @@ def derive_values(derive: str, boxes: list[Box], width: int, height: int) -> lis
 
 
 def _int(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not value.is_integer()):  # also NaN and Infinity
         raise ValueError(f"{value!r} is not an integer")
     return int(value)
 
 
 def read_boxes_json(path: Path, box_labels: tuple[str, ...], reject: Reject) -> tuple[list[ImageBoxes], int]:
     """Entries of a HyperKvasir/Kvasir-Instrument boxes file; a bad entry is quarantined whole (its count
-    would be wrong without the bad box). Returns (images, units read)."""
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object keyed by image id, got {type(data).__name__}")
+    would be wrong without the bad box), each of its units under `<file>:<id>#<unit>`. Returns (images,
+    units read). A file that is not a non-empty JSON object is a LabelFileError."""
+    path = Path(path)
+    what = "boxes JSON (an object keyed by image id)"
+    data = read_json(path, what)
+    if not isinstance(data, JsonObject) or not data.pairs:
+        got = "an empty object" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise LabelFileError(path, None, f"got {got}; not a {what}")
+    entries_per_key = Counter(img_id for img_id, _ in data.pairs)
     images, unit = [], 0
-    for img_id, entry in data.items():
+    for img_id, entry in data.pairs:
         raw_boxes = entry.get("bbox") if isinstance(entry, dict) else None
         n_units = len(raw_boxes) if isinstance(raw_boxes, list) and raw_boxes else 1
         units = list(range(unit + 1, unit + n_units + 1))
         unit += n_units
-        keys = [f"{path.name}:{img_id}#{k}" for k in range(len(raw_boxes))] if isinstance(raw_boxes, list) \
-            and raw_boxes else [f"{path.name}:{img_id}"]
+        keys = [f"{path.name}:{img_id}#{u}" for u in units]
         try:
+            if why := bad_id(img_id):
+                raise _EntryError("bad_id", why)
+            if entries_per_key[img_id] > 1:
+                raise _EntryError("duplicate_image", f"{img_id} is the key of {entries_per_key[img_id]} entries; "
+                                                     "which one holds its boxes is unknown")
             if not isinstance(raw_boxes, list):
                 raise _EntryError("malformed_entry", "no `bbox` list")
             width, height = _int(entry.get("width")), _int(entry.get("height"))
@@ -175,16 +190,41 @@ def mask_boxes(mask: np.ndarray, label: str, min_area: int) -> list[Box]:
     return boxes
 
 
+def mask_files(masks_dir: Path) -> list[Path]:
+    """The files of a masks folder, sorted by name; a LabelFileError when it is not a folder with files."""
+    masks_dir = Path(masks_dir)
+    try:
+        files = sorted(p for p in masks_dir.iterdir() if p.is_file())
+    except NotADirectoryError:
+        raise LabelFileError(masks_dir, None, "is a file, expected a folder of mask images") from None
+    except OSError as err:
+        raise LabelFileError(masks_dir, None, f"cannot be listed: {err.strerror or err}") from None
+    if not files:
+        raise LabelFileError(masks_dir, None, "holds no files, expected a folder of mask images")
+    return files
+
+
 def read_mask_boxes(masks_dir: Path, label: str, min_area: int, reject: Reject) -> tuple[list[ImageBoxes], int]:
-    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image."""
+    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image. A mask
+    file is one unit when quarantined (`bad_id`, `ambiguous_image`, `unreadable_mask`)."""
+    files = mask_files(masks_dir)
+    files_per_id = Counter(p.stem for p in files)
     images, unit = [], 0
-    for path in sorted(p for p in Path(masks_dir).iterdir() if p.is_file()):
+    for path in files:
         try:
-            with Image.open(path) as im:
-                mask = np.asarray(im.convert("L")) >= 128
-        except (OSError, ValueError) as err:
+            if why := bad_id(path.stem):
+                raise _EntryError("bad_id", f"mask {path.name!r}: {why}")
+            if files_per_id[path.stem] > 1:
+                same = [p.name for p in files if p.stem == path.stem]
+                raise _EntryError("ambiguous_image", f"{files_per_id[path.stem]} mask files for {path.stem}: {same}")
+            try:
+                with Image.open(path) as im:
+                    mask = np.asarray(im.convert("L")) >= 128
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                raise _EntryError("unreadable_mask", f"{path.name}: {err}") from err
+        except _EntryError as err:
             unit += 1
-            reject(f"{path.name}", "unreadable_mask", f"{path.name}: {err}", str(path))
+            reject(path.name, err.reason, err.detail, str(path))
             continue
         boxes = mask_boxes(mask, label, min_area)
         units = list(range(unit + 1, unit + max(len(boxes), 1) + 1))

@@ -10,36 +10,39 @@ With `folders_json` (the download's 23 folders), a row whose (organ, classificat
 the folders is quarantined as `inconsistent_labels`. With `boxes_json` (the segmented images' polyp boxes,
 keyed by the same ids), each boxed image also gets the box facts of `sources/boxes.py`.
 
-Units read = label rows + boxes; each is in a fact or in the quarantine (`malformed_row`,
+Units read = label rows + boxes; each is in a fact or in the quarantine (`malformed_row`, `bad_id`,
 `duplicate_image`, `inconsistent_labels`, `no_class_for_label`, `unlabelled_image`, and the box reasons).
+A label, folders or boxes file that cannot be read at all is a LabelFileError.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 from kvqa.catalog import Catalog, LabelFeed
 from kvqa.config import HyperKvasirSource
 from kvqa.tables import stable_hash
 from sources.boxes import box_facts, read_boxes_json
-from sources.common import Quarantine, csv_rows
-from sources.kvasir_vqa import ParsedSource, order_facts
+from sources.common import CsvRows, LabelFileError, ParsedSource, Quarantine, bad_id, csv_rows, order_facts, read_json
 
 REQUIRED_HEADER = ("Video file", "Organ", "Finding", "Classification")
 ORGAN_FOLDERS = {"lower-gi-tract": "Lower GI", "upper-gi-tract": "Upper GI"}
-IMG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def allowed_labels(folders_json: Path) -> set[tuple[str, str, str]]:
     """(organ, classification, folder) of every folder of the download, e.g.
     `labeled-images/lower-gi-tract/pathological-findings/polyp` -> ("Lower GI", "pathological-findings", "polyp")."""
+    what = "HyperKvasir folders.json (a list of the download's folders)"
+    folders = read_json(folders_json, what)
+    if not isinstance(folders, list) or not folders:
+        raise LabelFileError(folders_json, None, f"expected a non-empty list of folder names, got "
+                                                 f"{type(folders).__name__} {str(folders)[:80]!r}; not a {what}")
     allowed = set()
-    for folder in json.loads(Path(folders_json).read_text()):
-        parts = folder.strip("/").split("/")
+    for folder in folders:
+        parts = folder.strip("/").split("/") if isinstance(folder, str) else []
         if len(parts) != 4 or parts[1] not in ORGAN_FOLDERS:
-            raise ValueError(f"{folders_json}: unexpected folder {folder!r} (labeled-images/<tract>/<class>/<finding>)")
+            raise LabelFileError(folders_json, None, f"unexpected folder {str(folder)[:200]!r} "
+                                                     "(labeled-images/<tract>/<class>/<finding>)")
         allowed.add((ORGAN_FOLDERS[parts[1]], parts[2], parts[3]))
     return allowed
 
@@ -49,11 +52,13 @@ def _in_folders(organ: str, classification: str, finding: str, allowed: set[tupl
     return any((organ, classification, f) in allowed for f in (finding, finding.removesuffix("s")))
 
 
-def label_feeds(catalog: Catalog, header: list[str]) -> list[tuple[str, LabelFeed]]:
+def label_feeds(catalog: Catalog, path: Path, table: CsvRows) -> list[tuple[str, LabelFeed]]:
+    """The catalog's label feeds; each must read fields the label file has."""
     feeds = [(qc.name, f) for qc in catalog.classes.values() for f in qc.feeds if isinstance(f, LabelFeed)]
-    unknown = sorted(({f.field for _, f in feeds} | {k for _, f in feeds for k in f.when}) - set(header))
+    unknown = sorted(({f.field for _, f in feeds} | {k for _, f in feeds for k in f.when}) - set(table.header))
     if unknown:
-        raise ValueError(f"catalog feeds read fields {unknown} that the label file lacks (header {header})")
+        raise LabelFileError(path, table.header_line, f"catalog feeds read fields {unknown} that the label file "
+                                                      f"lacks (header {table.header})")
     return feeds
 
 
@@ -71,19 +76,17 @@ def parse_hyperkvasir(src: HyperKvasirSource, catalog: Catalog) -> ParsedSource:
     allowed = allowed_labels(Path(src.folders_json)) if src.folders_json else None
     facts: list[dict] = []
     labelled: dict[str, str] = {}  # img_id -> finding (the image's category)
-    rows_read = 0
-    header, rows = csv_rows(path, REQUIRED_HEADER, "HyperKvasir image-labels CSV")
-    feeds = label_feeds(catalog, header)
-    for line, raw in rows:
-        rows_read += 1
+    table = csv_rows(path, REQUIRED_HEADER, "HyperKvasir image-labels CSV", quarantine)
+    rows_read = table.lines_read
+    feeds = label_feeds(catalog, path, table)
+    for line, raw in table.rows:
         key = f"line {line}"
-        if len(raw) != len(header):
-            reject(key, "malformed_row", f"{len(raw)} fields, expected {len(header)}", raw)
-            continue
-        row = {h: v.strip() for h, v in zip(header, raw)}
+        row = {h: v.strip() for h, v in zip(table.header, raw)}
         img_id = row["Video file"]
-        if not IMG_ID_RE.match(img_id) or not all(row[c] for c in REQUIRED_HEADER):
-            reject(key, "malformed_row", f"empty field or bad image id {img_id!r}", row)
+        if why := bad_id(img_id):
+            reject(key, "bad_id", why, row)
+        elif not all(row[c] for c in REQUIRED_HEADER):
+            reject(key, "malformed_row", f"empty field in {[c for c in REQUIRED_HEADER if not row[c]]}", row)
         elif img_id in labelled:
             reject(key, "duplicate_image", f"{img_id} is labelled on an earlier row", row)
         elif allowed is not None and not _in_folders(row["Organ"], row["Classification"], row["Finding"], allowed):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from kvqa.config import SourceConfig
 from kvqa.tables import quarantine_frame
+from sources.common import bad_id
 
 IMAGE_COLUMNS = ["source", "img_id", "path", "sha256", "format", "width", "height", "n_bytes"]
 ALLOWED_FORMATS = {"JPEG", "PNG"}
@@ -93,12 +94,17 @@ def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple
     for source, img_id in tqdm(list(keys.itertuples(index=False, name=None)), desc="check images",
                                unit="img", mininterval=1.0, disable=len(keys) < 500):
         src = by_name[source]
-        if source in trees:
+        why_bad = bad_id(img_id)  # never build a path from an id the readers would not have let through
+        if why_bad:
+            found, path = [], None
+        elif source in trees:
             found = trees[source].get(img_id, [])
             path = found[0] if len(found) == 1 else None
         else:
             found, path = [], find_image(Path(src.image_dir), img_id, src.image_extensions)
         try:
+            if why_bad:
+                raise ImageError("bad_id", why_bad)
             if len(found) > 1:
                 raise ImageError("ambiguous_image", f"{len(found)} files for {img_id}: {[str(p) for p in found]}")
             if path is None:

@@ -13,28 +13,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
-
 from kvqa.catalog import MULTI_VALUED, AnswerType, Catalog, QuestionClass, normalise_token
 from kvqa.config import KvasirVQASource
 from kvqa.tables import stable_hash
-from sources.common import Quarantine, csv_rows
+from sources.common import ParsedSource, Quarantine, bad_id, csv_rows, order_facts
 
-FACT_COLUMNS = [
-    "fact_id", "source", "img_id", "source_label", "question_class", "answer_type",
-    "values", "source_question", "source_answer", "source_file", "source_rows", "boxes",
-]
 REQUIRED_HEADER = ("source", "question", "answer", "img_id")
-IMG_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 COUNT_RE = re.compile(r"^\d{1,3}$")
-STAGE = "sources"
-
-
-@dataclass
-class ParsedSource:
-    facts: pd.DataFrame
-    quarantine: pd.DataFrame
-    rows_read: int = 0
 
 
 class AnswerError(ValueError):
@@ -93,31 +78,25 @@ def _merge(qc: QuestionClass, cands: list[_Candidate]) -> tuple[tuple[str, ...] 
 
 
 def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedSource:
-    """Parse the metadata CSV into facts; every row becomes part of a fact or a quarantine record."""
+    """Parse the metadata CSV into facts; every non-blank line after the header becomes part of a fact or a
+    quarantine record (a file that cannot be read at all is a LabelFileError)."""
     path = Path(src.metadata_csv)
-    if not path.is_file():
-        raise FileNotFoundError(f"Kvasir-VQA metadata CSV not found: {path}")
     quarantine = Quarantine(src.name)
     candidates: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
     labels_by_image: dict[str, Counter] = defaultdict(Counter)
     dropped = {q.strip() for q in catalog.dropped_questions}
     empty = {normalise_token(q) for q in catalog.empty_questions}
-    rows_read = 0
 
     def reject(line: int, reason: str, detail: str, raw: object) -> None:
         quarantine.reject(f"line {line}", reason, detail, raw)
 
-    header, rows = csv_rows(path, REQUIRED_HEADER, "Kvasir-VQA metadata CSV")
-    idx = {c: header.index(c) for c in REQUIRED_HEADER}
-    for line, row in rows:
-        rows_read += 1
-        if len(row) != len(header):
-            reject(line, "malformed_row", f"{len(row)} fields, expected {len(header)}", row)
-            continue
+    table = csv_rows(path, REQUIRED_HEADER, "Kvasir-VQA metadata CSV", quarantine)
+    idx = {c: table.header.index(c) for c in REQUIRED_HEADER}
+    for line, row in table.rows:
         rec = {c: row[i] for c, i in idx.items()}
         img_id, question, answer = rec["img_id"].strip(), rec["question"].strip(), rec["answer"]
-        if not IMG_ID_RE.match(img_id):
-            reject(line, "malformed_row", f"bad img_id {img_id!r}", rec)
+        if why := bad_id(img_id):
+            reject(line, "bad_id", why, rec)
         elif normalise_token(question) in empty:
             reject(line, "empty_question", "question is empty or 'none' (no atomic pair)", rec)
         elif question in dropped:
@@ -159,15 +138,5 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
         })
     qf = quarantine.frame()
     qf = qf.assign(_l=qf["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")
-    return ParsedSource(facts=order_facts(facts, catalog), quarantine=qf.reset_index(drop=True), rows_read=rows_read)
-
-
-def order_facts(facts: list[dict], catalog: Catalog) -> pd.DataFrame:
-    """Facts in (source, img_id, catalog order): the index space plans draw combinations from."""
-    order = {name: i for i, name in enumerate(catalog.classes)}
-    facts_df = pd.DataFrame(facts, columns=FACT_COLUMNS)
-    if len(facts_df):
-        facts_df = (facts_df.assign(_o=facts_df["question_class"].map(order))
-                    .sort_values(["source", "img_id", "_o"], kind="stable").drop(columns="_o")
-                    .reset_index(drop=True))
-    return facts_df
+    return ParsedSource(facts=order_facts(facts, catalog), quarantine=qf.reset_index(drop=True),
+                        rows_read=table.lines_read)

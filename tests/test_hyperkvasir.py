@@ -142,7 +142,7 @@ def test_bad_labels_and_boxes_are_quarantined_with_reasons(tmp_path, catalog):
                       "a1,Lower GI,cecum,anatomical-landmarks\n"                # duplicate id
                       "a3,Upper GI,cecum,anatomical-landmarks\n"                # organ contradicts the folder
                       "a4,Lower GI,retroflex-rectum,anatomical-landmarks\n"
-                      ",Lower GI,polyps,pathological-findings\n")              # no id
+                      ",Lower GI,polyps,pathological-findings\n")              # no id: bad_id
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps({
         "a1": {"height": 100, "width": 100, "bbox": [{"label": "polyp", "xmin": 1, "ymin": 1, "xmax": 50, "ymax": 50}]},
@@ -156,7 +156,8 @@ def test_bad_labels_and_boxes_are_quarantined_with_reasons(tmp_path, catalog):
                             boxes_json=boxes, image_dir=tmp_path)
     parsed = parse_hyperkvasir(src, catalog)
     reasons = Counter(parsed.quarantine.reason)
-    expected = {"malformed_row": 2, "duplicate_image": 1, "bad_box": 2, "unlabelled_image": 1, "malformed_entry": 1}
+    expected = {"malformed_row": 1, "bad_id": 1, "duplicate_image": 1, "bad_box": 2, "unlabelled_image": 1,
+                "malformed_entry": 1}
     if HK.is_dir():
         expected["inconsistent_labels"] = 1
     assert reasons == expected
@@ -282,3 +283,193 @@ def test_a_boxes_source_takes_one_input(tmp_path):
     with pytest.raises(pydantic.ValidationError, match="exactly one of boxes_json and masks_dir"):
         BoxesSource(name="x", boxes_json=tmp_path / "a.json", masks_dir=tmp_path, box_labels=("polyp",),
                     image_label="polyp", image_dir=tmp_path)
+
+
+# --- Hostile ids, duplicate keys, ambiguous masks, unreadable files ------------------------------------------
+
+def _entry(n: int = 1) -> dict:
+    return {"height": 100, "width": 100,
+            "bbox": [{"label": "polyp", "xmin": 10 * i, "ymin": 10, "xmax": 10 * i + 5, "ymax": 20} for i in range(n)]}
+
+
+def _boxes_source(path: Path, image_dir: Path) -> BoxesSource:
+    return BoxesSource(name="boxed", boxes_json=path, box_labels=("polyp",), image_label="polyp", image_dir=image_dir)
+
+
+def _escape_setup(tmp_path: Path) -> tuple[Path, Path, str, str]:
+    """An image folder four levels down and two images outside it that hostile keys point at."""
+    from PIL import Image
+
+    image_dir = tmp_path / "a" / "b" / "c" / "d"
+    image_dir.mkdir(parents=True)
+    for p in (image_dir / "good.jpg", tmp_path / "pwned.jpg", tmp_path / "abs.jpg"):
+        Image.new("RGB", (100, 100), (200, 90, 90)).save(p)
+    return tmp_path, image_dir, "../../../../pwned", str(tmp_path / "abs")
+
+
+def test_boxes_json_keys_that_escape_are_bad_id_and_never_become_paths(tmp_path, catalog):
+    from sources.images import inventory_images
+
+    root, image_dir, traversal, absolute = _escape_setup(tmp_path)
+    boxes = root / "boxes.json"
+    boxes.write_text(json.dumps({"good": _entry(), traversal: _entry(2), absolute: _entry(), "ok\n": _entry()}))
+    parsed = parse_boxes_source(_boxes_source(boxes, image_dir), catalog)
+    assert parsed.rows_read == 5 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert set(parsed.facts.img_id) == {"good"}
+    q = parsed.quarantine
+    assert list(q.reason) == ["bad_id"] * 4
+    assert list(q.key) == [f"boxes.json:{traversal}#2", f"boxes.json:{traversal}#3", f"boxes.json:{absolute}#4",
+                           "boxes.json:ok\n#5"]
+    images, bad = inventory_images(parsed.facts, [_boxes_source(boxes, image_dir)])
+    assert list(images.img_id) == ["good"] and len(bad) == 0
+    # The image stage refuses such an id too, whoever hands it over: nothing outside image_dir is looked at.
+    wanted = pd.DataFrame({"source": ["boxed"] * 2, "img_id": [traversal, absolute]})
+    images, bad = inventory_images(wanted, [_boxes_source(boxes, image_dir)])
+    assert len(images) == 0 and list(bad.reason) == ["bad_id", "bad_id"] and set(bad.raw) == {""}
+
+
+def test_hyperkvasir_boxes_keys_that_escape_are_bad_id(tmp_path, catalog):
+    root, image_dir, traversal, absolute = _escape_setup(tmp_path)
+    labels = root / "image-labels.csv"
+    labels.write_text("Video file,Organ,Finding,Classification\n"
+                      "good,Lower GI,polyps,pathological-findings\n"
+                      "../x,Lower GI,polyps,pathological-findings\n")
+    boxes = root / "bounding-boxes.json"
+    boxes.write_text(json.dumps({"good": _entry(), traversal: _entry(), absolute: _entry(3)}))
+    parsed = parse_hyperkvasir(HyperKvasirSource(labels_csv=labels, boxes_json=boxes, image_dir=image_dir), catalog)
+    assert parsed.rows_read == 2 + 5 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert Counter(parsed.quarantine.reason) == {"bad_id": 1 + 4}
+    assert set(parsed.facts.img_id) == {"good"}
+
+
+def test_duplicate_json_keys_quarantine_every_entry(tmp_path, catalog):
+    """`json` keeps the last of two equal keys; both entries are quarantined instead (which is right is
+    unknown), in a boxes source and in HyperKvasir's bounding-boxes.json."""
+    one, two = json.dumps(_entry(1)), json.dumps(_entry(2))
+    boxes = tmp_path / "bounding-boxes.json"
+    boxes.write_text(f'{{"dup": {one}, "other": {one}, "dup": {two}}}')
+    parsed = parse_boxes_source(_boxes_source(boxes, tmp_path), catalog)
+    assert parsed.rows_read == 4 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert list(parsed.quarantine.key) == ["bounding-boxes.json:dup#1", "bounding-boxes.json:dup#3",
+                                           "bounding-boxes.json:dup#4"]
+    assert set(parsed.quarantine.reason) == {"duplicate_image"} and set(parsed.facts.img_id) == {"other"}
+    labels = tmp_path / "image-labels.csv"
+    labels.write_text("Video file,Organ,Finding,Classification\n"
+                      "dup,Lower GI,polyps,pathological-findings\nother,Lower GI,polyps,pathological-findings\n")
+    parsed = parse_hyperkvasir(HyperKvasirSource(labels_csv=labels, boxes_json=boxes, image_dir=tmp_path), catalog)
+    assert parsed.rows_read == 2 + 4 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert Counter(parsed.quarantine.reason) == {"duplicate_image": 3}
+    assert "polyp_count" not in set(parsed.facts[parsed.facts.img_id == "dup"].question_class)
+
+
+def _mask(path: Path) -> None:
+    from PIL import Image
+
+    m = Image.new("L", (120, 90), 0)
+    m.paste(255, (10, 10, 60, 50))
+    m.save(path, format="BMP" if path.suffix == ".bmp" else "PNG")
+
+
+def test_mask_files_with_bad_or_shared_ids_are_quarantined(tmp_path, catalog):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("...png", "x.png", "x.bmp", "good.png", ".DS_Store"):
+        _mask(masks / name) if name != ".DS_Store" else (masks / name).write_bytes(b"\0\1")
+    src = BoxesSource(name="seg", masks_dir=masks, box_labels=("polyp",), image_label="polyp", image_dir=tmp_path)
+    parsed = parse_boxes_source(src, catalog)
+    assert parsed.rows_read == 5 == units_in_facts(parsed.facts) + len(parsed.quarantine)
+    assert dict(zip(parsed.quarantine.key, parsed.quarantine.reason)) == {
+        "...png": "bad_id", ".DS_Store": "bad_id", "x.bmp": "ambiguous_image", "x.png": "ambiguous_image"}
+    assert set(parsed.facts.img_id) == {"good"}
+
+
+@pytest.mark.parametrize("content, line, words", [
+    (b"", None, "empty file"),
+    (b"{", 1, "not JSON"),
+    (b'{"a": 1,\n "b": }', 2, "not JSON"),
+    (b"[1, 2]", None, "got a JSON list"),
+    (b"{}", None, "got an empty object"),
+    (b'{"a": "\xe9"}', 1, "not UTF-8"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", 1, "not UTF-8"),
+    (b"[" * 100_000, None, "nested too deeply"),
+])
+def test_unreadable_boxes_json_is_one_line_error(tmp_path, catalog, content, line, words):
+    from sources import LabelFileError
+
+    path = tmp_path / "boxes.json"
+    path.write_bytes(content)
+    with pytest.raises(LabelFileError) as err:
+        parse_boxes_source(_boxes_source(path, tmp_path), catalog)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: " if line else f"{path}: ") and words in message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_unreadable_folders_json_and_masks_dir_are_one_line_errors(tmp_path, catalog):
+    from sources import LabelFileError
+
+    labels = tmp_path / "image-labels.csv"
+    labels.write_text("Video file,Organ,Finding,Classification\na1,Lower GI,polyps,pathological-findings\n")
+    folders = tmp_path / "folders.json"
+    for content, words in [("not json", "not JSON"), ('{"a": 1}', "non-empty list"), ("[]", "non-empty list"),
+                           ('["labeled-images/x"]', "unexpected folder"), ("[7]", "unexpected folder")]:
+        folders.write_text(content)
+        with pytest.raises(LabelFileError, match=words) as err:
+            parse_hyperkvasir(HyperKvasirSource(labels_csv=labels, folders_json=folders, image_dir=tmp_path), catalog)
+        assert str(err.value).startswith(f"{folders}") and "\n" not in str(err.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for masks_dir, words in [(labels, "is a file"), (empty, "holds no files"), (tmp_path / "nope", "cannot be listed")]:
+        src = BoxesSource(name="seg", masks_dir=masks_dir, box_labels=("polyp",), image_label="polyp",
+                          image_dir=tmp_path)
+        with pytest.raises(LabelFileError, match=words):
+            parse_boxes_source(src, catalog)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 1.5, True, "3"])
+def test_non_integer_box_sizes_are_malformed_entries(tmp_path, catalog, value):
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps({"a1": {**_entry(), "width": value}, "a2": _entry()}))  # json writes Infinity/NaN
+    parsed = parse_boxes_source(_boxes_source(path, tmp_path), catalog)
+    assert dict(zip(parsed.quarantine.key, parsed.quarantine.reason)) == {"boxes.json:a1#1": "malformed_entry"}
+
+
+def test_build_with_hostile_ids_writes_nothing_outside_the_run_folder(tmp_path):
+    """End to end, augmented track included: a boxes JSON whose keys climb out of image_dir (and out of
+    augmented/<source>/) and an absolute key used to read images outside image_dir and write their ten
+    variants outside the run folder. The run completes, those boxes are quarantined as `bad_id`, no file
+    outside the run folder is created or changed. (Masks are checked at the source: a masks source in a
+    build with augmentation hangs the augment pool until cv2's threads are handled, a separate fix.)"""
+    from PIL import Image
+
+    root, image_dir, traversal, absolute = _escape_setup(tmp_path)
+    good = [f"g{i:02d}" for i in range(12)]
+    for img in good:
+        Image.new("RGB", (100, 100), (150 + 8 * int(img[1:]), 90, 90)).save(image_dir / f"{img}.jpg")
+    boxes = root / "boxes.json"
+    boxes.write_text(json.dumps({**{img: _entry(1 + int(img[1:]) % 3) for img in good},
+                                 traversal: _entry(2), absolute: _entry()}))
+    config = {"run_name": "hostile", "seed": 42, "output_root": str(root / "runs"), "split": {"test_fraction": 0.3},
+              "sources": [
+                  {"kind": "boxes", "name": "boxed", "boxes_json": str(boxes), "box_labels": ["polyp"],
+                   "image_label": "polyp", "image_dir": str(image_dir)}]}
+    cfg = root / "hostile.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    outside = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    run_cli("build", "--config", str(cfg))
+    run = root / "runs" / "hostile"
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and "runs" not in p.relative_to(root).parts} \
+        == outside
+    assert sorted(p.name for p in root.iterdir()) == ["a", "abs.jpg", "boxes.json", "hostile.yaml", "pwned.jpg", "runs"]
+    assert sorted(p.name for p in (run / "augmented").iterdir()) == ["boxed"]
+    assert sorted(p.name for p in (run / "augmented" / "boxed").iterdir()) == good
+    assert all(len(list((run / "augmented" / "boxed" / img).iterdir())) == 10 for img in good)
+    q = pd.read_parquet(run / "quarantine.parquet")
+    assert sorted(zip(q.stage, q.key, q.reason)) == sorted([
+        ("sources", f"boxes.json:{traversal}#{u}", "bad_id") for u in (25, 26)] + [
+        ("sources", f"boxes.json:{absolute}#27", "bad_id")])
+    report = json.loads((run / "report.json").read_text())
+    assert report["sources"]["rows_read"] == report["sources"]["rows_in_facts"] + report["sources"]["quarantined"]
+    release = pd.concat([pd.read_parquet(p, columns=["source", "img_id"])
+                         for p in (run / "release" / "data").glob("*.parquet")])
+    assert set(release.img_id) == set(good)
