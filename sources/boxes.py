@@ -13,6 +13,10 @@ instrument tip straddling two cells lists both. The values of a fact are the uni
 
 Relative size (`relative_size`). Box area / frame area: `small` < 5 %, `medium` 5-20 %, `large` >= 20 %;
 the values are the set over the boxes.
+
+Orientation. Boxes are in the displayed orientation (see `sources/images.py`): a mask is read with its
+EXIF orientation applied, like its image; an image with boxes whose file has an EXIF orientation other
+than 1 is quarantined at the image stage, since a JSON box file does not say which way it was drawn.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from kvqa.catalog import RELATIVE_SIZES, BoxFeed, Catalog
 from kvqa.config import BoxesSource
@@ -176,12 +180,13 @@ def mask_boxes(mask: np.ndarray, label: str, min_area: int) -> list[Box]:
 
 
 def read_mask_boxes(masks_dir: Path, label: str, min_area: int, reject: Reject) -> tuple[list[ImageBoxes], int]:
-    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image."""
+    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image, in the
+    mask's displayed orientation (its EXIF orientation applied)."""
     images, unit = [], 0
     for path in sorted(p for p in Path(masks_dir).iterdir() if p.is_file()):
         try:
             with Image.open(path) as im:
-                mask = np.asarray(im.convert("L")) >= 128
+                mask = np.asarray(ImageOps.exif_transpose(im).convert("L")) >= 128
         except (OSError, ValueError) as err:
             unit += 1
             reject(f"{path.name}", "unreadable_mask", f"{path.name}: {err}", str(path))
