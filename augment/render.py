@@ -12,6 +12,11 @@ shape, dtype, statistics and a digest). `replay_variant` rebuilds the steps from
 re-applies them, checks the applied parameters equal the recorded ones and returns the JPEG bytes, which
 equal the recorded output when the same albumentations / OpenCV / Pillow versions are installed (the
 recipe names them).
+
+Orientation and size. An input is decoded with its EXIF orientation applied (`ImageOps.exif_transpose`),
+the way `datasets` decodes the release's image column, so a variant has the size and orientation of the
+picture its release row shows; the JPEG variants carry no orientation tag. The pixel count is checked
+from the header before decoding: over `max_pixels` the image is quarantined (`too_large`), undecoded.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import albumentations as A
 import cv2
 import numpy as np
 import PIL
-from PIL import Image
+from PIL import Image, ImageOps
 
 from augment.catalog import ArtifactCatalog, build_transform
+from kvqa.config import DEFAULT_MAX_PIXELS
 from kvqa.tables import stable_hash
+from sources.images import exif_orientation
 
 GRAYSCALE_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 VERSIONS = {"albumentations": A.__version__, "opencv": cv2.__version__, "pillow": PIL.__version__}
@@ -47,28 +54,38 @@ class AugmentImageError(ValueError):
 class DecodedImage:
     """An input image as an RGB uint8 array, with the mode the variants are written in."""
 
-    pixels: np.ndarray
+    pixels: np.ndarray  # in the displayed orientation
     input_mode: str
     output_mode: str  # "L" for grayscale inputs (8- or 16-bit), "RGB" for everything else
+    orientation: int = 1  # the input's EXIF orientation, applied to `pixels`
 
 
-def decode_image(data: bytes, name: str) -> DecodedImage:
-    """Fully decode an image and convert it to 8-bit RGB.
+def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Fully decode an image, apply its EXIF orientation and convert it to 8-bit RGB.
 
     Grayscale (incl. 16-bit PNG, scaled, not clipped) is replicated to three channels and written back as
     grayscale; RGBA/LA/transparent palettes are composited over black (the frame's background); palette,
-    CMYK and YCbCr become RGB. A truncated or undecodable file raises AugmentImageError.
+    CMYK and YCbCr become RGB. An image over `max_pixels` (read from the header, before decoding) raises
+    AugmentImageError `too_large`; a truncated or undecodable file raises AugmentImageError `corrupt_image`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > max_pixels:
+                    raise AugmentImageError("too_large", f"{name} is {im.width}x{im.height} "
+                                            f"({im.width * im.height:,} pixels), over max_pixels {max_pixels:,}")
                 im.load()
                 mode = im.mode
-                rgb = _to_rgb(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                orientation = exif_orientation(im)
+                rgb = _to_rgb(ImageOps.exif_transpose(im) if orientation != 1 else im)
+    except AugmentImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise AugmentImageError("too_large", f"{name}: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise AugmentImageError("corrupt_image", f"{name}: {err}") from err
-    return DecodedImage(np.asarray(rgb), mode, "L" if mode in GRAYSCALE_MODES else "RGB")
+    return DecodedImage(np.asarray(rgb), mode, "L" if mode in GRAYSCALE_MODES else "RGB", orientation)
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -151,17 +168,18 @@ def encode_jpeg(pixels: np.ndarray, mode: str, quality: int) -> bytes:
 def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int) -> str:
     """The variant's record as canonical JSON (the `recipe` column)."""
     return json.dumps({"versions": VERSIONS, "input_mode": decoded.input_mode, "output_mode": decoded.output_mode,
-                       "jpeg_quality": quality, "steps": applied}, sort_keys=True, separators=(",", ":"))
+                       "exif_orientation": decoded.orientation, "jpeg_quality": quality, "steps": applied},
+                      sort_keys=True, separators=(",", ":"))
 
 
 class ReplayMismatch(AssertionError):
     """Re-applying a recorded recipe drew other parameters than the record states."""
 
 
-def replay_variant(recipe_json: str, image_path: Path) -> bytes:
+def replay_variant(recipe_json: str, image_path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
     """Re-render a variant from its recorded recipe and the input file alone (no config, no catalog)."""
     recipe = json.loads(recipe_json)
-    decoded = decode_image(Path(image_path).read_bytes(), Path(image_path).name)
+    decoded = decode_image(Path(image_path).read_bytes(), Path(image_path).name, max_pixels)
     steps = [{k: s[k] for k in ("name", "transform", "init", "seed")} for s in recipe["steps"]]
     pixels, applied = apply_steps(decoded.pixels, steps)
     for want, got in zip(recipe["steps"], applied):

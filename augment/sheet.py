@@ -11,14 +11,15 @@ import io
 from pathlib import Path
 
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 LABEL_HEIGHT = 18
 
 
 def _thumb(path: Path, width: int) -> Image.Image:
+    """A thumbnail as displayed (EXIF orientation applied), like the variants beside it."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = ImageOps.exif_transpose(im).convert("RGB")
         return im.resize((width, max(1, round(im.height * width / im.width))), Image.Resampling.BILINEAR)
 
 

@@ -19,13 +19,26 @@ Images are cut into chunks; a chunk renders all variants of its images (each ima
 encoded n times) and writes its records to `augment/records/` before returning, so a killed run keeps
 every finished chunk. On a re-run a variant is skipped when its record plans the same steps, seeds and
 quality for the same input bytes and the file on disk still has the recorded digest.
+
+Worker processes. The pool starts its workers from a `forkserver`, never by forking the parent: the
+parent has usually run OpenCV already (the Kvasir-SEG mask reader's `connectedComponentsWithStats` starts
+OpenCV's thread pool), and a forked child inherits that pool's locks without its threads, so its first
+`cv2.setNumThreads` waits forever. The fork server is a fresh interpreter that only imports this module
+(once per parent process, a few seconds; each pool after that starts in milliseconds), and each worker
+sets OpenCV to one thread before any OpenCV call. Each worker also watches the process that owns the pool
+and exits when it dies (SIGKILL included), so no worker outlives a killed run and writes into its folder
+afterwards; the fork server then exits too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import select
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +51,8 @@ from tqdm.auto import tqdm
 from augment.catalog import ArtifactCatalog
 from augment.render import (VERSIONS, AugmentImageError, apply_steps, decode_image, encode_jpeg, make_recipe,
                             plan_recipe)
-from kvqa.tables import atomic_path, quarantine_frame, read_table, stable_hash, write_table
+from kvqa.config import DEFAULT_MAX_PIXELS
+from kvqa.tables import atomic_path, quarantine_frame, read_table, remove_orphan_temps, stable_hash, write_table
 
 AUGMENT_COLUMNS = ["source", "img_id", "variant", "artifact", "input_sha256", "output_path", "output_sha256",
                    "width", "height", "mode", "n_bytes", "recipe"]
@@ -54,6 +68,7 @@ class RenderSettings:
     seed: int
     jpeg_quality: int
     run_dir: Path
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger inputs are quarantined (`too_large`), never decoded
 
     @property
     def digest(self) -> str:
@@ -102,7 +117,7 @@ def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, 
                 records.append(old)
                 continue
         if decoded is None:
-            decoded = decode_image(data, Path(image["path"]).name)
+            decoded = decode_image(data, Path(image["path"]).name, settings.max_pixels)
         height, width = decoded.pixels.shape[:2]
         planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant, height, width)
         if _reusable(old, planned, input_sha, settings):
@@ -137,7 +152,6 @@ def render_chunk(chunk: list[dict], settings: RenderSettings) -> ChunkResult:
     Each item of `chunk` is an image row (`source`, `img_id`, `path`) plus `prior`, its recorded variants.
     An image that does not decode is quarantined here, with its reason; the chunk goes on.
     """
-    cv2.setNumThreads(1)  # one process per core: OpenCV's own threads would only oversubscribe
     records, bad, rendered = [], [], 0
     for image in chunk:
         try:
@@ -174,11 +188,56 @@ def submit_to_pool(pool: ProcessPoolExecutor, chunks: list[list[dict]], settings
     return [pool.submit(render_chunk, c, settings) for c in chunks]
 
 
+def start_worker(owner_pid: int) -> None:
+    """Initializer of every pool worker: OpenCV on one thread (one process per core; OpenCV's own threads
+    would only oversubscribe), set before any OpenCV call, and a watchdog that ends the worker when the
+    process that owns the pool dies."""
+    cv2.setNumThreads(1)
+    threading.Thread(target=exit_with_owner, args=(owner_pid,), name="exit-with-owner", daemon=True).start()
+
+
+def exit_with_owner(owner_pid: int, interval_s: float = 0.5) -> None:
+    """Exit this process as soon as the pool's owner has exited, SIGKILL included.
+
+    The owner is not the worker's parent (the fork server is), and the fork server outlives the owner
+    while any worker runs, so the parent id never changes: the owner is watched by a pidfd (Linux, no
+    risk of a reused pid), else by polling its pid."""
+    try:
+        pidfd = os.pidfd_open(owner_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux, or Linux < 5.3)
+        while _pid_exists(owner_pid):
+            time.sleep(interval_s)
+    else:
+        select.select([pidfd], [], [])  # readable once the owner has exited
+    os._exit(1)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` processes (0 = one per core) started from a fork server that has imported this module
+    (see the module docstring for why not fork)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])  # no effect once this process's server runs
+    return ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1, mp_context=context,
+                               initializer=start_worker, initargs=(os.getpid(),))
+
+
 def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     """Render chunks in `workers` processes (0 = one per core), with a progress bar. `submit(pool, chunks,
     settings)` returns one future per chunk (the flow's maps a Prefect task per chunk onto the pool)."""
     def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
+        with process_pool(workers) as pool:
             futures = submit(pool, chunks, settings)
             with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
                       disable=sum(map(len, chunks)) < 50) as bar:
@@ -198,9 +257,12 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size
     release: it differs between a fresh and a resumed run).
 
     Leaves exactly this run's variants under `augmented/` and this run's records under `augment/records/`
-    (files from a previous catalog or image set are removed), so the folder always matches the table.
+    (files from a previous catalog or image set, and temporary files a killed run left, are removed), so
+    the folder always matches the table.
     """
     run_dir = settings.run_dir
+    for folder in ("augmented", "augment"):  # a run folder has one writer: these are a killed run's
+        remove_orphan_temps(run_dir / folder)
     chunks = plan_chunks(images, run_dir, chunk_size)
     results = (run_chunks or run_in_processes(0))(chunks, settings)
     records = pd.concat([r.records for r in results], ignore_index=True) if results else \

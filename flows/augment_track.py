@@ -49,7 +49,7 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
 
     def build():
         images = read_table(run_dir / "stages/images.parquet")
-        settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir)
+        settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir, max(s.max_pixels for s in cfg.sources))
         if not a.enabled:
             images = images.iloc[:0]
         records, bad, figures, rendered = augment_images(images, settings, chunk_size=a.chunk_size,

@@ -25,6 +25,12 @@ class _Strict(BaseModel):
 
 
 SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
+# Largest image (width x height) a source may hold: checked from the file header before anything is decoded,
+# larger files are quarantined as `too_large`. 4096 x 4096 is above every endoscopy frame (HD 1920 x 1080,
+# 4K 3840 x 2160) and keeps one decoded image under 50 MB (the augmented track holds a few copies).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images itself
+MaxPixels = Annotated[int, Field(gt=0, le=PILLOW_MAX_PIXELS)]
 
 
 class KvasirVQASource(_Strict):
@@ -37,6 +43,7 @@ class KvasirVQASource(_Strict):
     license: str = "CC BY-NC 4.0"
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
     recursive_images: bool = False  # search image_dir's subfolders too
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS  # larger images: quarantined (`too_large`)
 
     @property
     def label_files(self) -> list[Path]:
@@ -59,6 +66,7 @@ class HyperKvasirSource(_Strict):
     license: str = "CC BY 4.0"
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
     recursive_images: bool = True
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS  # larger images: quarantined (`too_large`)
 
     @property
     def label_files(self) -> list[Path]:
@@ -83,6 +91,7 @@ class BoxesSource(_Strict):
     license: str = "CC BY 4.0"
     image_extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png")
     recursive_images: bool = False
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS  # larger images: quarantined (`too_large`)
 
     @model_validator(mode="after")
     def _one_input(self) -> "BoxesSource":

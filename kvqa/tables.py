@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 QUARANTINE_COLUMNS = ["stage", "source", "key", "reason", "detail", "raw"]
+TEMP_SUFFIX = ".tmp"
+# atomic_path's temporary names: "." + target name + "." + mkstemp's 8 random characters + ".tmp"
+ORPHAN_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX) + "$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -29,7 +33,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -39,6 +43,25 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_orphan_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files `atomic_path` left under `folder` (any depth); return what was removed.
+
+    A SIGKILL between `mkstemp` and the rename leaves `.<name>.<random>.tmp` behind (a torn 190 MB parquet
+    shard in `release/`, half a JPEG in `augmented/`). Nothing reads them, but they fill the disk and would
+    be uploaded with the folder. Call it when a run starts: a run folder has one writer at a time, so any
+    such file is an earlier run's leftover, never a write in progress. Files named otherwise are kept.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.rglob(f".*{TEMP_SUFFIX}")):
+        if ORPHAN_TEMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:

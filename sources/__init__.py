@@ -19,7 +19,7 @@ Facts table (`stages/facts.parquet`):
 | source_answer | str | the verbatim atomic answer (Kvasir-VQA; canonical `; `-joined when several rows were merged), or the canonical values (label and box facts) |
 | source_file | str | name of the label file the fact came from |
 | source_rows | list[int] | the units of that file it came from: CSV line numbers, or box numbers (1-based, file order) |
-| boxes | list[struct] | the boxes behind a box fact: label, xmin, ymin, xmax, ymax in pixels of the original image |
+| boxes | list[struct] | the boxes behind a box fact: label, xmin, ymin, xmax, ymax in pixels of the image as displayed (EXIF orientation applied) |
 
 Sources (`kind` in the config): `kvasir_vqa` (sources/kvasir_vqa.py), `hyperkvasir` (labels + optional
 polyp boxes, sources/hyperkvasir.py), `boxes` (Kvasir-Instrument JSON or Kvasir-SEG masks,

@@ -19,6 +19,10 @@ it is used, or its units are quarantined as `bad_id`: a key `../../x` would othe
 the image and run folders. A key that appears twice in the JSON (where `json` keeps only the last) quarantines
 every entry under it as `duplicate_image`; two mask files with one stem (`x.png`, `x.bmp`) are
 `ambiguous_image`.
+
+Orientation. Boxes are in the displayed orientation (see `sources/images.py`): a mask is read with its
+EXIF orientation applied, like its image; an image with boxes whose file has an EXIF orientation other
+than 1 is quarantined at the image stage, since a JSON box file does not say which way it was drawn.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from kvqa.catalog import RELATIVE_SIZES, BoxFeed, Catalog
 from kvqa.config import BoxesSource
@@ -205,8 +209,9 @@ def mask_files(masks_dir: Path) -> list[Path]:
 
 
 def read_mask_boxes(masks_dir: Path, label: str, min_area: int, reject: Reject) -> tuple[list[ImageBoxes], int]:
-    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image. A mask
-    file is one unit when quarantined (`bad_id`, `ambiguous_image`, `unreadable_mask`)."""
+    """Kvasir-SEG masks (white object on black, JPEG-noisy: thresholded at 128) -> boxes per image, in the
+    mask's displayed orientation (its EXIF orientation applied). A mask file is one unit when quarantined
+    (`bad_id`, `ambiguous_image`, `unreadable_mask`)."""
     files = mask_files(masks_dir)
     files_per_id = Counter(p.stem for p in files)
     images, unit = [], 0
@@ -219,7 +224,7 @@ def read_mask_boxes(masks_dir: Path, label: str, min_area: int, reject: Reject) 
                 raise _EntryError("ambiguous_image", f"{files_per_id[path.stem]} mask files for {path.stem}: {same}")
             try:
                 with Image.open(path) as im:
-                    mask = np.asarray(im.convert("L")) >= 128
+                    mask = np.asarray(ImageOps.exif_transpose(im).convert("L")) >= 128
             except (OSError, ValueError, Image.DecompressionBombError) as err:
                 raise _EntryError("unreadable_mask", f"{path.name}: {err}") from err
         except _EntryError as err:

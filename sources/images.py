@@ -4,6 +4,18 @@ An image that is missing, unreadable, truncated or not a still image is quaranti
 so that publishing (and augmentation) only ever sees images that decode. Decoding fully (`load()`, not
 just `verify()`) is what catches a JPEG cut short by a broken download.
 
+Memory. The pixel count is read from the header before anything is decoded: an image over its source's
+`max_pixels` is quarantined as `too_large` without being decoded (a 280 kB single-colour PNG can hold
+9,400 x 9,400 pixels, 265 MB decoded and gigabytes through augmentation). The file is hashed in blocks.
+
+Orientation. Everything downstream uses the *displayed* orientation, the one `datasets` decodes (it
+applies the EXIF orientation tag) and the augmented track renders (`augment.render.decode_image`
+applies it too): `width` and `height` below are the displayed size. The release embeds the original
+bytes unchanged, so it shows the same picture. Box coordinates cannot be trusted on a rotated file: no
+box source says whether its boxes were drawn on the stored or the displayed pixels, so an image with an
+EXIF orientation other than 1 that has boxes is quarantined (`rotated_image_with_boxes`); without boxes
+it is kept (its grid labels, like every label, refer to the picture as displayed).
+
 Images table (`stages/images.parquet`):
 
 | column | type | meaning |
@@ -13,13 +25,12 @@ Images table (`stages/images.parquet`):
 | path | str | absolute path of the file |
 | sha256 | str | digest of the file's bytes (what the release embeds, unchanged) |
 | format | str | PIL format (JPEG, PNG) |
-| width, height | int | pixel size |
+| width, height | int | pixel size as displayed (after the EXIF orientation) |
 | n_bytes | int | file size |
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -28,13 +39,15 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from kvqa.config import SourceConfig
-from kvqa.tables import quarantine_frame
+from kvqa.config import DEFAULT_MAX_PIXELS, SourceConfig
+from kvqa.tables import file_digest, quarantine_frame
 from sources.common import bad_id
 
 IMAGE_COLUMNS = ["source", "img_id", "path", "sha256", "format", "width", "height", "n_bytes"]
 ALLOWED_FORMATS = {"JPEG", "PNG"}
 STAGE = "images"
+EXIF_ORIENTATION = 0x0112
+SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # transpose / rotate 270 / transverse / rotate 90: width and height swap
 
 
 class ImageError(ValueError):
@@ -63,31 +76,59 @@ def image_index(image_dir: Path, extensions: tuple[str, ...]) -> dict[str, list[
     return index
 
 
-def check_image(path: Path) -> dict:
-    """Hash and fully decode one image file; raise ImageError with a reason if it is not usable."""
-    data = path.read_bytes()
-    if not data:
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored; 2-8 as `ImageOps.exif_transpose` applies them)."""
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):  # a broken EXIF block: nothing to apply
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Hash and fully decode one image file; raise ImageError with a reason if it is not usable.
+
+    The size is checked from the header first: an image over `max_pixels` is never decoded.
+    """
+    n_bytes = path.stat().st_size
+    if not n_bytes:
         raise ImageError("empty_image", f"{path.name} is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 fmt = im.format
+                if im.width * im.height > max_pixels:
+                    raise ImageError("too_large", f"{path.name} is {im.width}x{im.height} "
+                                                  f"({im.width * im.height:,} pixels), over max_pixels {max_pixels:,}")
                 im.load()
-                width, height = im.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                orientation = exif_orientation(im)
+                width, height = im.size[::-1] if orientation in SWAPPED_ORIENTATIONS else im.size
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # over Pillow's own limit
+        raise ImageError("too_large", f"{path.name}: {err}") from err
+    except UnidentifiedImageError as err:
         raise ImageError("unreadable_image", f"{path.name}: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageError("corrupt_image", f"{path.name}: {err}") from err
     if fmt not in ALLOWED_FORMATS:
         raise ImageError("unsupported_format", f"{path.name} is {fmt}, expected one of {sorted(ALLOWED_FORMATS)}")
-    return {"sha256": hashlib.sha256(data).hexdigest(), "format": fmt, "width": width, "height": height,
-            "n_bytes": len(data)}
+    return {"sha256": file_digest(path), "format": fmt, "width": width, "height": height, "n_bytes": n_bytes,
+            "orientation": orientation}
+
+
+def images_with_boxes(facts: pd.DataFrame) -> set[tuple[str, str]]:
+    """(source, img_id) of every image that has a fact with boxes."""
+    if "boxes" not in facts.columns:
+        return set()
+    return {(s, i) for s, i, b in zip(facts["source"], facts["img_id"], facts["boxes"]) if b is not None and len(b)}
 
 
 def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every (source, img_id) in `wanted`; return (usable images, quarantined images)."""
+    """Check every (source, img_id) in `wanted` (the facts table); return (usable images, quarantined images)."""
     by_name = {s.name: s for s in sources}
+    boxed = images_with_boxes(wanted)
     trees = {s.name: image_index(Path(s.image_dir), s.image_extensions) for s in sources if s.recursive_images}
     keys = wanted[["source", "img_id"]].drop_duplicates().sort_values(["source", "img_id"])
     ok, bad = [], []
@@ -110,7 +151,13 @@ def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple
             if path is None:
                 where = f"{src.image_dir} or its subfolders" if source in trees else str(src.image_dir)
                 raise ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {where}")
-            ok.append({"source": source, "img_id": img_id, "path": str(path), **check_image(path)})
+            checked = check_image(path, src.max_pixels)
+            if checked["orientation"] != 1 and (source, img_id) in boxed:
+                raise ImageError("rotated_image_with_boxes",
+                                 f"{path.name} has EXIF orientation {checked['orientation']} (displayed "
+                                 f"{checked['width']}x{checked['height']}) and boxes: no box source says whether "
+                                 "they are drawn on the stored or the displayed pixels")
+            ok.append({"source": source, "img_id": img_id, "path": str(path), **checked})
         except ImageError as err:
             bad.append({"stage": STAGE, "source": source, "key": img_id, "reason": err.reason,
                         "detail": str(err), "raw": str(path or "")})

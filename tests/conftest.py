@@ -54,7 +54,7 @@ def copy_sample(dest: Path) -> tuple[Path, Path]:
     return dest / "metadata.csv", dest / "images"
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `kvqa` CLI (and so the real Prefect flow) in a fresh process group.
 
     Output goes to files, not pipes, and the group is killed afterwards: a run killed with SIGKILL leaves
@@ -65,7 +65,7 @@ def run_cli(*args: str, env: dict | None = None, check: bool = True) -> subproce
         popen = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=full_env,
                                  stdout=out, stderr=err, text=True, start_new_session=True)
         try:
-            returncode = popen.wait(timeout=600)
+            returncode = popen.wait(timeout=timeout)
         finally:
             try:
                 os.killpg(popen.pid, signal.SIGKILL)

@@ -265,3 +265,158 @@ def test_augment_track_flow_runs_alone(tmp_path):
     records = pd.read_parquet(run / "stages" / "augmentations.parquet")
     assert len(records) == 60 and "60 variants of 6 images" in proc.stdout
     assert (run / "augment" / "contact-sheet.png").is_file()
+
+
+def render_here(chunks, settings):
+    """The chunk runner without processes: fast for a handful of images."""
+    return [render_chunk(c, settings) for c in chunks]
+
+
+def test_variants_have_the_orientation_datasets_shows(tmp_path):
+    """A JPEG stored 400x320 with EXIF orientation 6 is shown 320x400 by `datasets` (the release embeds the
+    file as is): every variant is 320x400 too, with the picture turned the same way (the stored top half,
+    red, is on the right), and replays from its record."""
+    import datasets
+
+    from test_images import rotated_jpeg
+
+    path = rotated_jpeg(tmp_path / "rot.jpg")
+    shown = datasets.Image().decode_example({"path": None, "bytes": path.read_bytes()})
+    assert shown.size == (320, 400)
+    frames = pd.DataFrame({"source": "x", "img_id": ["rot"], "path": [str(path)]})
+    records, quarantine, *_ = _render(frames, tmp_path / "run", run_chunks=render_here)
+    assert len(records) == 10 and len(quarantine) == 0
+    for rec in records.itertuples():
+        assert (rec.width, rec.height) == shown.size and json.loads(rec.recipe)["exif_orientation"] == 6
+        with Image.open(tmp_path / "run" / rec.output_path) as im:
+            assert im.size == shown.size
+            pixels = np.asarray(im.convert("RGB"), float)
+        left, right = pixels[:, :100].mean(axis=(0, 1)), pixels[:, -100:].mean(axis=(0, 1))
+        assert left[2] > left[0] + 60 and right[0] > right[2] + 60, (rec.artifact, left, right)
+        assert replay_variant(rec.recipe, path) == (tmp_path / "run" / rec.output_path).read_bytes()
+
+
+def test_an_input_over_max_pixels_is_quarantined_undecoded(tmp_path):
+    frames = sample_frames(2)
+    settings = RenderSettings(load_artifact_catalog(), 42, 95, tmp_path, max_pixels=400 * 320 - 1)
+    records, quarantine, figures, _ = augment_images(frames, settings, run_chunks=render_here)
+    assert len(records) == 0 and set(quarantine["reason"]) == {"too_large"} and len(quarantine) == 2
+    assert "400x320 (128,000 pixels), over max_pixels 127,999" in quarantine["detail"].iloc[0]
+
+
+def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
+    """`atomic_path` temporaries a SIGKILL left in `augmented/` and `augment/records/` go when the stage
+    starts again (the run folder has one writer); other files are not touched."""
+    left = [tmp_path / "augmented" / "x" / "a" / ".00-motion_blur.jpg.k3j_9x2a.tmp",
+            tmp_path / "augment" / "records" / ".chunk-0123.parquet.ab12cd34.tmp"]
+    kept = tmp_path / "augment" / "notes.tmp"
+    for p in (*left, kept):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"torn")
+    settings = RenderSettings(load_artifact_catalog(), 42, 95, tmp_path)
+    augment_images(sample_frames(0), settings, run_chunks=render_here)
+    assert not any(p.exists() for p in left) and kept.exists()
+
+
+def test_a_masks_source_with_augmentation_does_not_hang(tmp_path):
+    """Kvasir-SEG masks are read with OpenCV in the flow's process (its thread pool starts), then the
+    augment pool starts: forked workers used to block forever in `cv2.setNumThreads` (2 of 2 runs killed
+    at 300 s). The real CLI with a timeout; the 5 real frames and masks."""
+    import yaml
+
+    from conftest import run_cli
+
+    if not REAL_FRAMES.is_dir():
+        pytest.skip(f"real Kvasir-SEG frames not found at {REAL_FRAMES} (../shared/data is absent)")
+    config = {"run_name": "seg", "output_root": str(tmp_path / "runs"),
+              "sources": [{"kind": "boxes", "name": "kvasir-seg", "masks_dir": str(REAL_FRAMES.parent / "masks"),
+                           "box_labels": ["polyp"], "image_label": "polyp", "image_dir": str(REAL_FRAMES)}],
+              "augment": {"workers": 2, "chunk_size": 2}}
+    (tmp_path / "seg.yaml").write_text(yaml.safe_dump(config))
+    proc = run_cli("augment", "--config", str(tmp_path / "seg.yaml"), timeout=240)
+    records = pd.read_parquet(tmp_path / "runs" / "seg" / "stages" / "augmentations.parquet")
+    assert len(records) == 50 and records["img_id"].nunique() == 5, proc.stdout
+
+
+OWNER = """
+import os, sys, time
+from pathlib import Path
+
+from augment.track import run_in_processes
+
+
+def mark_and_sleep(path):
+    Path(path).write_text(str(os.getpid()))
+    time.sleep(300)
+
+
+if __name__ == "__main__":
+    marks = sys.argv[1]
+    run_in_processes(2, lambda pool, chunks, settings: [pool.submit(mark_and_sleep, f"{marks}/{i}")
+                                                       for i in range(len(chunks))])([[{}], [{}]], None)
+"""
+
+
+def _children() -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(stat.parent.name))
+    return out
+
+
+def _descendants(pid: int) -> set[int]:
+    children, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the process tree from /proc")
+def test_pool_workers_die_with_their_parent(tmp_path):
+    """SIGKILL the process that owns an augment pool while its workers are busy: every process it started
+    (workers, fork server) is gone within seconds instead of rendering on into the run folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    (tmp_path / "owner.py").write_text(OWNER)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    owner = subprocess.Popen([sys.executable, str(tmp_path / "owner.py"), str(marks)], cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(marks.iterdir())) < 2:
+            assert owner.poll() is None and time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.2)
+        workers = {int(p.read_text()) for p in marks.iterdir()}
+        started = _descendants(owner.pid)
+        assert workers <= started and all(map(_running, workers))
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        deadline = time.monotonic() + 15
+        while any(map(_running, started)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in started if _running(p)], "processes outlived the pool's owner"
+    finally:
+        try:
+            os.killpg(owner.pid, signal.SIGKILL)  # the owner's process group, should the test fail
+        except ProcessLookupError:
+            pass
