@@ -10,6 +10,7 @@ run reproduces the same rows (and a fresh run folder, without the file, regenera
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from contextlib import contextmanager
@@ -18,8 +19,9 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
-from kvqa.tables import write_json
+from kvqa.tables import remove_orphan_temps, write_json
 
+log = logging.getLogger("kvqa")
 RUN_FILE = "run.json"
 ADDITIONS_FILE = "class_additions.json"
 
@@ -64,7 +66,8 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
 
     Re-entrant within a process: `build_release` runs `augment_track` as a subflow and `add-class` runs
     `build_release`, each taking the lock again. The lock is an OS file lock (`filelock`), so it is
-    released when the process dies, however it dies: a killed run never leaves the folder locked.
+    released when the process dies, however it dies: a killed run never leaves the folder locked. Taking
+    it removes the temporary files a killed run left in the folder (nothing else can be writing them).
     """
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +83,10 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
     try:
         if lock.lock_counter == 1:
             write_json({"pid": os.getpid(), "command": command}, owner)
+            # The only writer now: any temporary file in the folder is a killed run's leftover.
+            removed = remove_orphan_temps(run_dir)
+            if removed:
+                log.info("removed %d temporary files left by an interrupted run", len(removed))
         yield
     finally:
         lock.release()
