@@ -72,6 +72,7 @@ def supervise() -> None:
     _kill_group(pid)  # whatever the child left running: the temporary server, pool workers
     if received or os.WIFSIGNALED(status):  # end the way the command was ended
         sig = received[0] if received else os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig != signal.SIGKILL:  # SIGKILL has no handler to reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
     os._exit(os.waitstatus_to_exitcode(status))
