@@ -47,7 +47,8 @@ def parse_sources(cfg: Config, run_dir: Path) -> dict:
         write_table(parsed.facts, run_dir / "stages/facts.parquet")
         write_table(parsed.quarantine, run_dir / "stages/quarantine_sources.parquet")
         return ({"rows_read": parsed.rows_read, "rows_in_facts": in_facts, "facts": len(parsed.facts),
-                 "quarantined": len(parsed.quarantine), "by_reason": by_reason(parsed.quarantine)},
+                 "quarantined": len(parsed.quarantine), "by_reason": by_reason(parsed.quarantine),
+                 "label_conflicts": parsed.label_conflicts},
                 ["stages/facts.parquet", "stages/quarantine_sources.parquet"])
 
     return cached_stage(run_dir, "sources", key, build)

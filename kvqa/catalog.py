@@ -10,7 +10,7 @@ import hashlib
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -83,6 +83,56 @@ class BoxFeed(BaseModel):
 
 Feed = Annotated[LabelFeed | BoxFeed, Field(discriminator="kind")]
 RELATIVE_SIZES = ("small", "medium", "large")
+
+
+class ConflictCondition(BaseModel):
+    """A condition on one class's fact of an image: it holds when the image has a fact of `class` whose
+    values include one of `any_of`, or include none of `none_of`, or (neither given) has any value.
+    Count values are decimal strings: `any_of: ["0"]` is "no polyp", `none_of: ["0"]` "at least one"."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    question_class: str = Field(alias="class")
+    any_of: list[str] | None = Field(default=None, min_length=1)
+    none_of: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_test(self) -> "ConflictCondition":
+        if self.any_of is not None and self.none_of is not None:
+            raise ValueError(f"condition on {self.question_class!r}: give any_of or none_of, not both")
+        return self
+
+    def holds(self, values: Sequence[str]) -> bool:
+        if self.any_of is not None:
+            return any(v in self.any_of for v in values)
+        if self.none_of is not None:
+            return not any(v in self.none_of for v in values)
+        return True
+
+    def describe(self) -> str:
+        if self.any_of is not None:
+            return f"{self.question_class} in {self.any_of}"
+        if self.none_of is not None:
+            return f"{self.question_class} not in {self.none_of}"
+        return f"{self.question_class} given"
+
+
+class ConflictRule(BaseModel):
+    """Labels of different classes that cannot all be true of one image (applied in sources/conflicts.py).
+
+    The rule fires on an image when `when` holds and at least one condition of `conflicts_with` holds;
+    the facts of `when`'s class and of every `conflicts_with` condition that holds are then quarantined
+    there (`label_conflict`), since which of the two labels is wrong cannot be told.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    why: str
+    when: ConflictCondition
+    conflicts_with: list[ConflictCondition] = Field(min_length=1)
+
+    @property
+    def conditions(self) -> list[ConflictCondition]:
+        return [self.when, *self.conflicts_with]
 
 
 class QuestionClass(BaseModel):
@@ -173,6 +223,7 @@ class Catalog(BaseModel):
     value_separator: str
     classes: dict[str, QuestionClass]
     location_grid: dict[str, ValueSpec]
+    conflicts: dict[str, ConflictRule] = Field(default_factory=dict)
     digest: str = ""
 
     @model_validator(mode="before")
@@ -183,6 +234,9 @@ class Catalog(BaseModel):
             spec.setdefault("name", name)
             if spec.get("answer_type") == AnswerType.location and "values" not in spec:
                 spec["values"] = grid
+        for name, rule in (data.get("conflicts") or {}).items():
+            if isinstance(rule, dict):
+                rule.setdefault("name", name)
         return data
 
     @model_validator(mode="after")
@@ -193,6 +247,24 @@ class Catalog(BaseModel):
                 if q in seen:
                     raise ValueError(f"source question {q!r} claimed by {seen[q]!r} and {qc.name!r}")
                 seen[q] = qc.name
+        return self
+
+    @model_validator(mode="after")
+    def _check_conflicts(self) -> "Catalog":
+        """A rule may name only catalog classes and values of their vocabularies, each class once."""
+        for rule in self.conflicts.values():
+            named = [c.question_class for c in rule.conditions]
+            if len(set(named)) != len(named):
+                raise ValueError(f"conflict rule {rule.name!r}: a class appears in two conditions {named}")
+            for cond in rule.conditions:
+                qc = self.classes.get(cond.question_class)
+                if qc is None:
+                    raise ValueError(f"conflict rule {rule.name!r}: unknown class {cond.question_class!r}")
+                listed = (cond.any_of or []) + (cond.none_of or [])
+                bad = [v for v in listed if not v.isdigit()] if qc.answer_type == AnswerType.count \
+                    else [v for v in listed if v not in qc.values]
+                if bad:
+                    raise ValueError(f"conflict rule {rule.name!r}: {bad} not values of {qc.name}")
         return self
 
     @cached_property

@@ -36,11 +36,12 @@ from kvqa.catalog import Catalog
 from kvqa.config import SourceConfig
 from sources.boxes import parse_boxes_source
 from sources.common import FACT_COLUMNS, LabelFileError, ParsedSource, bad_id
+from sources.conflicts import CheckedSources, quarantine_label_conflicts
 from sources.hyperkvasir import parse_hyperkvasir
 from sources.kvasir_vqa import parse_kvasir_vqa_metadata
 
-__all__ = ["FACT_COLUMNS", "LabelFileError", "ParsedSource", "bad_id", "parse_boxes_source", "parse_hyperkvasir",
-           "parse_kvasir_vqa_metadata", "read_sources", "units_in_facts"]
+__all__ = ["FACT_COLUMNS", "CheckedSources", "LabelFileError", "ParsedSource", "bad_id", "parse_boxes_source",
+           "parse_hyperkvasir", "parse_kvasir_vqa_metadata", "read_sources", "units_in_facts"]
 
 READERS = {"kvasir_vqa": parse_kvasir_vqa_metadata, "hyperkvasir": parse_hyperkvasir, "boxes": parse_boxes_source}
 
@@ -51,9 +52,11 @@ def units_in_facts(facts: pd.DataFrame) -> int:
                 for u in units})
 
 
-def read_sources(sources: list[SourceConfig], catalog: Catalog) -> ParsedSource:
-    """Read every configured source into one facts table and one quarantine table."""
+def read_sources(sources: list[SourceConfig], catalog: Catalog) -> CheckedSources:
+    """Read every configured source into one facts table and one quarantine table; facts whose labels
+    conflict across classes (the catalog's `conflicts:` rules) are quarantined, counted per rule."""
     parsed = [READERS[src.kind](src, catalog) for src in sources]
     facts = pd.concat([p.facts for p in parsed], ignore_index=True)
     quarantine = pd.concat([p.quarantine for p in parsed], ignore_index=True)
-    return ParsedSource(facts=facts, quarantine=quarantine, rows_read=sum(p.rows_read for p in parsed))
+    return quarantine_label_conflicts(ParsedSource(facts=facts, quarantine=quarantine,
+                                                   rows_read=sum(p.rows_read for p in parsed)), catalog)

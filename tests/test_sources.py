@@ -28,7 +28,7 @@ def test_real_metadata_reconciles_and_covers_every_class(real_csv, catalog):
     lines += [int(k.split()[1]) for k in parsed.quarantine["key"]]
     assert sorted(lines) == list(range(2, n_rows + 2))
     assert set(parsed.facts["question_class"]) == {n for n, qc in catalog.classes.items() if qc.source_questions}
-    assert parsed.quarantine["reason"].value_counts().to_dict() == {"dropped_question": 133}
+    assert parsed.quarantine["reason"].value_counts().to_dict() == {"dropped_question": 133, "label_conflict": 2}
     # One fact per (img_id, class).
     assert not parsed.facts.duplicated(["img_id", "question_class"]).any()
     assert parsed.facts["img_id"].nunique() == 300
