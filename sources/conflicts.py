@@ -25,7 +25,7 @@ import pandas as pd
 
 from kvqa.catalog import Catalog, ConflictRule
 from kvqa.tables import quarantine_frame
-from sources.kvasir_vqa import ParsedSource
+from sources.common import ParsedSource
 
 STAGE = "sources"
 REASON = "label_conflict"
