@@ -25,8 +25,10 @@ from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
+from generate.quality import empty_release_problem, rejection_problem
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
+from kvqa.errors import RunRejected
 from kvqa.tables import file_digest, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
 from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
@@ -59,7 +61,8 @@ def plan_pairs(cfg: Config, run_dir: Path) -> dict:
 @task(cache_policy=NONE)
 def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     catalog = load_catalog(cfg.catalog)
-    key = {"code": code_version("generate"), "generate": cfg.generate.model_dump(mode="json"),
+    key = {"code": code_version("generate"),
+           "generate": cfg.generate.model_dump(mode="json", exclude={"max_rejected_share"}),  # a check, not output
            "seed": cfg.seed, "catalog": catalog.digest,
            "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))},
            "inputs": digests(run_dir, "stages/facts.parquet", "stages/plans.parquet")}
@@ -238,6 +241,9 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         report["sources"] = parse_sources(cfg, run_dir)
         report["plans"] = plan_pairs(cfg, run_dir)
         report["generate"] = realize_pairs(cfg, run_dir)
+        g = report["generate"]
+        if problem := rejection_problem(g["plans"], g["by_reason"], cfg.generate.max_rejected_share):
+            raise RunRejected(problem)
         report["dedup"] = deduplicate_pairs(cfg, run_dir)
         report["images"] = check_images(cfg, run_dir)
         report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
@@ -253,6 +259,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
                                 "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
                                                     quarantine.groupby(["stage", "reason"]).size().items()}}
         write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
+        if problem := empty_release_problem(report["release"]["rows"], report["quarantine"]["by_stage_reason"]):
+            raise RunRejected(problem)
         rows = report["release"]["rows"]
         log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
                  sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))
