@@ -248,14 +248,13 @@ def add_class(name: str = typer.Argument(..., help="the catalog class to add (it
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flows.add_class import add_question_class, check_addition
 
-    with reported_errors():
-        try:
-            run_dir, run_config = check_addition(name, run, str(config) if config else None,
-                                                 str(output_root) if output_root else None)
-            _checked_config(run_config, run_dir.parent)
-            with run_lock(run_dir, f"kvqa add-class {name}"):
-                added = add_question_class(name, run, str(config) if config else None,
-                                           str(output_root) if output_root else None)
+    with reported_errors():  # AddClassError is a BadInput: one line, exit 2
+        run_dir, run_config = check_addition(name, run, str(config) if config else None,
+                                             str(output_root) if output_root else None)
+        _checked_config(run_config, run_dir.parent)
+        with run_lock(run_dir, f"kvqa add-class {name}"):
+            added = add_question_class(name, run, str(config) if config else None,
+                                       str(output_root) if output_root else None)
     levels = ", ".join(f"level {k}: {v:,}" for k, v in added["rows_added_per_level"].items())
     typer.echo(f"added {name} to run {added['run']}: {added['facts_added']:,} facts, {levels}; release rows "
                f"{added['release_rows_before']:,} -> {added['release_rows_after']:,} (existing rows unchanged)\n"
