@@ -218,6 +218,7 @@ def test_add_class_that_would_change_rows_is_rolled_back_to_the_same_bytes(tmp_p
     proc = run_cli("add-class", "sedation", "--run", "rb", "--output-root", str(tmp_path / "runs"), check=False)
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert proc.returncode == 2 and last.startswith("error: adding 'sedation' would change") and "Rolled back" in last
+    assert "Traceback" not in proc.stderr
     assert not (run / "class_additions.json").exists()
     assert tree_digests(run) == before  # every old row and file is back as it was
     assert not (run.parent / ".rb.snapshot").exists()
