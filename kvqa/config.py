@@ -32,6 +32,7 @@ SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 # 4K 3840 x 2160) and keeps one decoded image under 50 MB (the augmented track holds a few copies).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images itself
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 44  # bits of 256: calibrated on the real Kvasir-SEG frames (README, Splits)
 MaxPixels = Annotated[int, Field(gt=0, le=PILLOW_MAX_PIXELS)]
 
 
@@ -210,6 +211,9 @@ class AugmentConfig(_Strict):
 
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    # Two images are near duplicates (kept in one split) when their 256-bit fingerprints are at most this
+    # many bits apart (`dedup.frames`; calibration in README, Splits). 0 = identical fingerprints only.
+    near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=0, le=64)
 
 
 class PublishConfig(_Strict):

@@ -48,9 +48,10 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _dedup_section(d: dict) -> list[str]:
-    """Dedup figures and the nearest-neighbour similarity histogram of the phrasings."""
+    """Dedup figures, the nearest-neighbour similarity histogram of the phrasings, and the image-level
+    near-duplicate figures (clusters kept in one split, pairs across splits)."""
     if not d or d.get("enabled") is False:
-        return ["## Deduplication", "", "Not run for this release.", ""]
+        return ["## Deduplication", "", "Not run for this release.", "", *_near_duplicate_images(d or {})]
     g = d.get("global", {})
     lines = ["## Deduplication", "",
              f"Questions embedded with `{d['model']}`; within one image, rows with the same question classes "
@@ -69,6 +70,27 @@ def _dedup_section(d: dict) -> list[str]:
     if hist:
         lines += ["Nearest-neighbour cosine similarity of each distinct phrasing:", "",
                   _table(["similarity", "phrasings"], [[k, v] for k, v in hist.items() if v]), ""]
+    return lines + _near_duplicate_images(d)
+
+
+def _near_duplicate_images(d: dict) -> list[str]:
+    """Image-level figures (`dedup.frames.cluster_figures`), when the run computed them."""
+    if "clusters" not in d:
+        return []
+    radius = d.get("near_duplicate_distance", "-")
+    lines = ["### Near-duplicate images", "",
+             "Frames of one scene (video neighbours; re-encoded, resized, cropped or slightly rotated copies; "
+             f"one picture under two ids) are found by a 256-bit perceptual fingerprint (distance <= {radius} "
+             "bits, or equal bytes) and every cluster of them is kept in one split.", "",
+             _table(["figure", "value"], [
+                 [f"near-duplicate image pairs across splits (fingerprint distance <= {radius} of 256 bits)",
+                  d.get("near_duplicate_pairs_across_splits", "-")],
+                 ["clusters of near-duplicate images (more than one image)", d["clusters"]],
+                 ["images in those clusters", d.get("images_in_clusters", "-")],
+                 ["largest cluster (images)", d.get("largest_cluster", "-")]]), ""]
+    sizes = d.get("cluster_sizes") or {}
+    if sizes:
+        lines += [_table(["cluster size", "clusters"], [[k, v] for k, v in sizes.items()]), ""]
     return lines
 
 
