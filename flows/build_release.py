@@ -19,6 +19,7 @@ from prefect.cache_policies import NONE
 from augment import load_artifact_catalog
 from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceTransformerEncoder,
                    cross_split_leakage, deduplicate, question_vectors)
+from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import class_additions, record_run, run_lock
@@ -73,7 +74,7 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
         backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
                                batch_dir=run_dir / "batch")
         qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
-        reconcile("plans", len(plans), int((~qa["qa_id"].str.contains(r"-p\d+$")).sum()), len(rejected))
+        reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
@@ -114,18 +115,26 @@ def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
 
 @task(cache_policy=NONE)
 def leakage_report(cfg: Config, run_dir: Path) -> dict:
+    """Test rows that repeat a train image's content and meaning (question level), and near-duplicate
+    images across the splits (image level: 0 after the clustered split unless something is wrong)."""
     key = {"code": code_version("dedup"), "dedup": cfg.dedup.model_dump(mode="json"),
+           "split": cfg.split.model_dump(mode="json"),
            "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet")}
 
     def build():
         kept = read_table(run_dir / "stages/qa_dedup.parquet")
+        splits = read_table(run_dir / "stages/splits.parquet")
+        images = read_table(run_dir / "stages/images.parquet")
         leaks = pd.DataFrame(columns=LEAKAGE_COLUMNS)
         if cfg.dedup.enabled and "cross-split" in cfg.dedup.scopes and len(kept):
             _, vectors = question_vectors(kept, *_encoder_and_cache(cfg))
-            leaks = cross_split_leakage(kept, vectors, read_table(run_dir / "stages/splits.parquet"),
-                                        read_table(run_dir / "stages/images.parquet"), cfg.dedup.threshold)
+            leaks = cross_split_leakage(kept, vectors, splits, images, cfg.dedup.threshold)
+        near = cross_split_near_duplicates(images, splits, cfg.split.near_duplicate_distance)
+        reconcile("near-duplicate image pairs across splits after the clustered split", 0, len(near))
         write_table(leaks, run_dir / "stages/leakage.parquet")
-        return {"test_rows_leaking": len(leaks)}, ["stages/leakage.parquet"]
+        write_table(near, run_dir / "stages/leakage_images.parquet")
+        return ({"test_rows_leaking": len(leaks), "near_duplicate_distance": cfg.split.near_duplicate_distance,
+                 **cluster_figures(splits, near)}, ["stages/leakage.parquet", "stages/leakage_images.parquet"])
 
     return cached_stage(run_dir, "leakage", key, build)
 
@@ -138,7 +147,8 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
     def build():
         qa = read_table(run_dir / "stages/qa_dedup.parquet")
         images = read_table(run_dir / "stages/images.parquet")
-        splits = assign_splits(usable_images(qa, images), cfg.split.test_fraction, cfg.seed)
+        splits = assign_splits(usable_images(qa, images), cfg.split.test_fraction, cfg.seed,
+                               cfg.split.near_duplicate_distance)
         write_table(splits, run_dir / "stages/splits.parquet")
         return ({"images": {str(k): int(v) for k, v in splits["split"].value_counts().sort_index().items()}},
                 ["stages/splits.parquet"])
