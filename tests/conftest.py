@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,57 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # One question-embedding cache for every build of the session, whatever its output root: the flow tests
 # build the sample a dozen times, and embedding is keyed by text, so only the first build pays for it.
 os.environ.setdefault("KVQA_EMBED_CACHE", tempfile.mkdtemp(prefix="kvqa-embed-cache-"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# One Prefect server for the whole session, started by the `prefect_server` fixture below. Without
+# PREFECT_API_URL every `kvqa` command starts Prefect's temporary server, which costs 8-30 s of the ~50
+# commands the suite runs; the flows themselves run the same against either. Set here, at import, so
+# that every later import of prefect (in this process and in the commands it starts) sees it.
+# tests/test_stop.py removes it again: it checks that a build takes its temporary server with it.
+# KVQA_TEST_TEMPORARY_PREFECT=1 keeps the per-command temporary server throughout.
+SHARED_PREFECT = not os.environ.get("KVQA_TEST_TEMPORARY_PREFECT") and "PREFECT_API_URL" not in os.environ
+if SHARED_PREFECT:
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_free_port()}/api"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(tmp_path_factory):
+    """Start the session's Prefect server (see SHARED_PREFECT) in its own process group; stop it after."""
+    if not SHARED_PREFECT:
+        yield None
+        return
+    url = os.environ["PREFECT_API_URL"]
+    home = tmp_path_factory.mktemp("prefect-home")
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", url.rsplit(":", 1)[1].split("/")[0]],
+        env={**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": ""},
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the test Prefect server did not start: see {home / 'server.log'}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
 
 
 @pytest.fixture(scope="session")
