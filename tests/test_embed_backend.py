@@ -46,7 +46,8 @@ def test_same_decisions_on_the_calibration_pairs(catalog, torch_encoder, onnx_en
     assert evaluate_threshold(pairs, None, threshold, by_torch) == evaluate_threshold(pairs, None, threshold, by_onnx)
 
 
-def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encoder, onnx_encoder, tmp_path):  # noqa: F811
+def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encoder, onnx_encoder,  # noqa: F811
+                                                  tmp_path):
     """Real rows of 40 images with a catalog paraphrase planted per level-1 row (so rows are removed), the
     first 10 images repeated as test-split twins of the same frame (so rows leak)."""
     mixed = plant_paraphrases(real_qa, catalog)
@@ -56,7 +57,8 @@ def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encode
     images = sorted(qa.img_id.unique())
     splits = pd.DataFrame({"source": "kvasir-vqa", "img_id": images,
                            "split": ["test" if i.endswith("-twin") else "train" for i in images]})
-    content = pd.DataFrame({"source": "kvasir-vqa", "img_id": images, "sha256": [i.removesuffix("-twin") for i in images]})
+    content = pd.DataFrame({"source": "kvasir-vqa", "img_id": images,
+                            "sha256": [i.removesuffix("-twin") for i in images]})
     config = DedupConfig()
     results = {}
     for encoder in (torch_encoder, onnx_encoder):
