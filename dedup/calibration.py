@@ -15,6 +15,14 @@ Sources of pairs (column `origin`):
 
 `score` and `evaluate_threshold` take any labelled pair set and any decision, so a band rule (too close =
 duplicate, too far = drifted) can be scored the same way.
+
+The paraphrase band (dedup/near.py) has two bounds, scored by `evaluate_band` on two sets:
+- lower bound (`dedup.threshold`): a paraphrase below it from its source has drifted. Scored on the pairs
+  above as "drifted iff different meaning": every pair is a (source, paraphrase) the rule could see.
+- upper bound (`dedup.paraphrase_max_similarity`): a paraphrase at or above it from a kept row adds
+  nothing. Scored on `restatement_pairs.yaml`: faithful pairs only, labelled restatement (the same words up
+  to one content word, function words, inflection, order) or rephrasing (two or more content words changed,
+  or another construction). Different meanings are not in it: they are the lower bound's question.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from generate.template import compose_question
 from kvqa.catalog import Catalog
 
 CALIBRATION_PAIRS_PATH = Path(__file__).with_name("calibration_pairs.yaml")
+RESTATEMENT_PAIRS_PATH = Path(__file__).with_name("restatement_pairs.yaml")
 QUESTION_COLUMNS = ["group", "classes", "meaning", "question", "origin"]
 PAIR_COLUMNS = ["a", "b", "classes", "same", "origin"]
 
@@ -133,4 +142,60 @@ def threshold_sweep(pairs: pd.DataFrame, encoder: Encoder, thresholds: Sequence[
         rows.append({"threshold": t, "catalog_recall": r["catalog"]["recall"], "hand_recall": r["hand"]["recall"],
                      "hand_precision": r["hand"]["precision"],
                      "false_positive_rate": r["all"]["false_positive_rate"]})
+    return pd.DataFrame(rows)
+
+
+RESTATEMENT_COLUMNS = ["a", "b", "classes", "restatement"]
+
+
+def restatement_pairs(catalog: Catalog, path: Path = RESTATEMENT_PAIRS_PATH) -> pd.DataFrame:
+    """(question, restatement or rephrasing) pairs of `restatement_pairs.yaml`: `restatement` is True when
+    the second adds nothing to the first."""
+    spec = yaml.safe_load(Path(path).read_text())
+    rows = []
+    for g, group in enumerate(spec["groups"]):
+        classes = tuple(sorted(group["classes"]))
+        unknown = set(classes) - set(catalog.classes)
+        if unknown:
+            raise ValueError(f"{path}: group {g} names classes not in the catalog: {sorted(unknown)}")
+        q = group["question"]
+        rows += [(q, r, classes, True) for r in group["restatements"]]
+        rows += [(q, r, classes, False) for r in group["rephrasings"]]
+    return pd.DataFrame(rows, columns=RESTATEMENT_COLUMNS)
+
+
+def evaluate_band(meaning: pd.DataFrame, restatements: pd.DataFrame, encoder: Encoder, threshold: float,
+                  max_similarity: float, meaning_sims: np.ndarray | None = None,
+                  restatement_sims: np.ndarray | None = None) -> dict:
+    """The paraphrase band scored on both bounds (see the module docstring).
+
+    `drift`: "drifted" (cosine < `threshold`) against "different meaning" on `meaning` (calibration_pairs):
+    recall = drifted paraphrases caught, false-positive rate = faithful paraphrases rejected as drifted.
+    `duplicate`: "duplicate" (normalised texts equal, or cosine >= `max_similarity`) against "restatement"
+    on `restatements` (restatement_pairs): recall = restatements removed, false-positive rate = rephrasings
+    removed. `rephrasings_kept`: share of the rephrasings inside the band (neither drifted nor duplicate),
+    what a faithful, reworded paraphrase meets."""
+    ms = pair_similarities(meaning, encoder) if meaning_sims is None else meaning_sims
+    rs = pair_similarities(restatements, encoder) if restatement_sims is None else restatement_sims
+    equal = np.array([normalise_question(a) == normalise_question(b)
+                      for a, b in zip(restatements["a"], restatements["b"])], bool)
+    duplicate = equal | (rs >= max_similarity)
+    restatement = restatements["restatement"].to_numpy(bool)
+    in_band = ~duplicate & (rs >= threshold)
+    return {"threshold": threshold, "max_similarity": max_similarity,
+            "drift": score(ms < threshold, ~meaning["same"].to_numpy(bool)),
+            "duplicate": score(duplicate, restatement),
+            "rephrasings_kept": round(float(in_band[~restatement].mean()), 4) if (~restatement).any() else 0.0}
+
+
+def band_sweep(meaning: pd.DataFrame, restatements: pd.DataFrame, encoder: Encoder,
+               max_similarities: Sequence[float], threshold: float) -> pd.DataFrame:
+    """The upper-bound table of benchmarks/README.md: one row per `max_similarity`, at `threshold`."""
+    ms, rs = pair_similarities(meaning, encoder), pair_similarities(restatements, encoder)
+    rows = []
+    for m in max_similarities:
+        r = evaluate_band(meaning, restatements, encoder, threshold, m, ms, rs)
+        d = r["duplicate"]
+        rows.append({"max_similarity": m, "restatement_recall": d["recall"], "duplicate_precision": d["precision"],
+                     "rephrasings_removed": d["false_positive_rate"], "rephrasings_kept": r["rephrasings_kept"]})
     return pd.DataFrame(rows)

@@ -1,4 +1,5 @@
-"""The dedup step over a QA table: normalise, embed (cached), remove duplicates per scope, count."""
+"""The dedup step over a QA table: normalise, embed (cached), remove duplicates and drifted paraphrases per
+scope, count."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from dedup.embed import EmbeddingCache, Encoder, embed_texts, normalise_question
-from dedup.near import DUPLICATE_COLUMNS, global_recurrence, image_scope_duplicates
+from dedup.near import DUPLICATE_COLUMNS, global_recurrence, image_scope_duplicates, is_paraphrase
 from kvqa.config import DedupConfig
 
 
@@ -24,11 +25,14 @@ def deduplicate(qa: pd.DataFrame, config: DedupConfig, encoder: Encoder, cache: 
     qa = qa.reset_index(drop=True)
     before, t0 = encoder.texts_encoded, time.perf_counter()
     texts, vectors = question_vectors(qa, encoder, cache)
-    figures: dict = {"model": encoder.model_id, "threshold": config.threshold, "scopes": list(config.scopes),
-                     "rows_in": len(qa), "distinct_texts": len(set(texts))}
+    figures: dict = {"model": encoder.model_id, "threshold": config.threshold,
+                     "paraphrase_max_similarity": config.paraphrase_max_similarity, "scopes": list(config.scopes),
+                     "rows_in": len(qa), "paraphrases_in": int(is_paraphrase(qa).sum()),
+                     "distinct_texts": len(set(texts))}
     # How many texts missed the cache depends on the cache's history, not on the inputs: not a figure.
     timings = {"embed_s": time.perf_counter() - t0, "texts_embedded": encoder.texts_encoded - before}
-    dups = image_scope_duplicates(qa, texts, vectors, config.threshold) if "image" in config.scopes else []
+    dups = (image_scope_duplicates(qa, texts, vectors, config.threshold, config.paraphrase_max_similarity)
+            if "image" in config.scopes else [])
     if "global" in config.scopes:
         t0 = time.perf_counter()
         removed = {d["qa_id"] for d in dups}
@@ -40,7 +44,8 @@ def deduplicate(qa: pd.DataFrame, config: DedupConfig, encoder: Encoder, cache: 
         timings["global_s"] = time.perf_counter() - t0
     duplicates = pd.DataFrame(dups, columns=DUPLICATE_COLUMNS).sort_values("qa_id", kind="stable")
     kept = qa[~qa["qa_id"].isin(duplicates["qa_id"])].reset_index(drop=True)
-    figures.update({"rows_kept": len(kept), "rows_removed": len(duplicates),
+    figures.update({"rows_kept": len(kept), "paraphrases_kept": int(is_paraphrase(kept).sum()),
+                    "rows_removed": len(duplicates),
                     "removed_by": {f"{s}/{r}": int(n) for (s, r), n in
                                    duplicates.groupby(["scope", "rule"]).size().items()}})
     # Timings are returned apart: figures go into reports and cards, which must not change between runs.

@@ -22,13 +22,14 @@ from flows.run_state import (class_additions, drop_snapshot, recorded_config, re
                              write_class_additions)
 from kvqa.catalog import load_catalog
 from kvqa.config import load_config
+from kvqa.errors import BadInput
 from kvqa.tables import read_table
 from publish.release import release_row_digests
 
 log = logging.getLogger("kvqa")
 
 
-class AddClassError(RuntimeError):
+class AddClassError(BadInput):
     """The class cannot be added to this run (unknown, already there, run not built, or rows would change)."""
 
 

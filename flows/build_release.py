@@ -19,14 +19,17 @@ from prefect.cache_policies import NONE
 from augment import load_artifact_catalog
 from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, encoder_for,
                    cross_split_leakage, deduplicate, question_vectors)
+from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.prompts import PROMPTS_DIR
+from generate.quality import empty_release_problem, rejection_problem
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
+from kvqa.errors import RunRejected
 from kvqa.tables import file_digest, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
 from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
@@ -59,7 +62,8 @@ def plan_pairs(cfg: Config, run_dir: Path) -> dict:
 @task(cache_policy=NONE)
 def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     catalog = load_catalog(cfg.catalog)
-    key = {"code": code_version("generate"), "generate": cfg.generate.model_dump(mode="json"),
+    key = {"code": code_version("generate"),
+           "generate": cfg.generate.model_dump(mode="json", exclude={"max_rejected_share"}),  # a check, not output
            "seed": cfg.seed, "catalog": catalog.digest,
            "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))},
            "inputs": digests(run_dir, "stages/facts.parquet", "stages/plans.parquet")}
@@ -70,7 +74,7 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
         backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
                                batch_dir=run_dir / "batch")
         qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
-        reconcile("plans", len(plans), int((~qa["qa_id"].str.contains(r"-p\d+$")).sum()), len(rejected))
+        reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
@@ -111,18 +115,26 @@ def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
 
 @task(cache_policy=NONE)
 def leakage_report(cfg: Config, run_dir: Path) -> dict:
+    """Test rows that repeat a train image's content and meaning (question level), and near-duplicate
+    images across the splits (image level: 0 after the clustered split unless something is wrong)."""
     key = {"code": code_version("dedup"), "dedup": cfg.dedup.model_dump(mode="json"),
+           "split": cfg.split.model_dump(mode="json"),
            "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet")}
 
     def build():
         kept = read_table(run_dir / "stages/qa_dedup.parquet")
+        splits = read_table(run_dir / "stages/splits.parquet")
+        images = read_table(run_dir / "stages/images.parquet")
         leaks = pd.DataFrame(columns=LEAKAGE_COLUMNS)
         if cfg.dedup.enabled and "cross-split" in cfg.dedup.scopes and len(kept):
             _, vectors = question_vectors(kept, *_encoder_and_cache(cfg))
-            leaks = cross_split_leakage(kept, vectors, read_table(run_dir / "stages/splits.parquet"),
-                                        read_table(run_dir / "stages/images.parquet"), cfg.dedup.threshold)
+            leaks = cross_split_leakage(kept, vectors, splits, images, cfg.dedup.threshold)
+        near = cross_split_near_duplicates(images, splits, cfg.split.near_duplicate_distance)
+        reconcile("near-duplicate image pairs across splits after the clustered split", 0, len(near))
         write_table(leaks, run_dir / "stages/leakage.parquet")
-        return {"test_rows_leaking": len(leaks)}, ["stages/leakage.parquet"]
+        write_table(near, run_dir / "stages/leakage_images.parquet")
+        return ({"test_rows_leaking": len(leaks), "near_duplicate_distance": cfg.split.near_duplicate_distance,
+                 **cluster_figures(splits, near)}, ["stages/leakage.parquet", "stages/leakage_images.parquet"])
 
     return cached_stage(run_dir, "leakage", key, build)
 
@@ -135,7 +147,8 @@ def split_images(cfg: Config, run_dir: Path) -> dict:
     def build():
         qa = read_table(run_dir / "stages/qa_dedup.parquet")
         images = read_table(run_dir / "stages/images.parquet")
-        splits = assign_splits(usable_images(qa, images), cfg.split.test_fraction, cfg.seed)
+        splits = assign_splits(usable_images(qa, images), cfg.split.test_fraction, cfg.seed,
+                               cfg.split.near_duplicate_distance)
         write_table(splits, run_dir / "stages/splits.parquet")
         return ({"images": {str(k): int(v) for k, v in splits["split"].value_counts().sort_index().items()}},
                 ["stages/splits.parquet"])
@@ -238,6 +251,9 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         report["sources"] = parse_sources(cfg, run_dir)
         report["plans"] = plan_pairs(cfg, run_dir)
         report["generate"] = realize_pairs(cfg, run_dir)
+        g = report["generate"]
+        if problem := rejection_problem(g["plans"], g["by_reason"], cfg.generate.max_rejected_share):
+            raise RunRejected(problem)
         report["dedup"] = deduplicate_pairs(cfg, run_dir)
         report["images"] = check_images(cfg, run_dir)
         report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
@@ -253,6 +269,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
                                 "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
                                                     quarantine.groupby(["stage", "reason"]).size().items()}}
         write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
+        if problem := empty_release_problem(report["release"]["rows"], report["quarantine"]["by_stage_reason"]):
+            raise RunRejected(problem)
         rows = report["release"]["rows"]
         log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
                  sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))

@@ -19,6 +19,7 @@ from typing import Iterator
 
 from filelock import FileLock, Timeout
 
+from kvqa.errors import BadInput
 from kvqa.tables import remove_orphan_temps, write_json
 
 log = logging.getLogger("kvqa")
@@ -47,7 +48,7 @@ def write_class_additions(run_dir: Path, classes: tuple[str, ...]) -> None:
         (Path(run_dir) / ADDITIONS_FILE).unlink(missing_ok=True)
 
 
-class RunBusyError(RuntimeError):
+class RunBusyError(BadInput):
     """Another kvqa command holds the run folder: two writers would vouch for each other's files."""
 
 

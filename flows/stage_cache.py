@@ -13,11 +13,13 @@ import json
 import logging
 import os
 import signal
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 from kvqa.config import PROJECT_ROOT
+from kvqa.errors import StageFailed
 from kvqa.tables import file_digest, stable_hash, write_json
 
 log = logging.getLogger("kvqa")
@@ -74,7 +76,11 @@ def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[
         ):
             log.info("stage %-9s cached (key %s)", name, digest[:12])
             return done["summary"]
-    summary, outputs = build()
+    started = time.time()
+    try:
+        summary, outputs = build()
+    except OSError as err:  # a full disk, a permission: one line naming the stage, and what it had written
+        raise StageFailed(name, err, bytes_written_since(run_dir, started), run_dir) from err
     if os.environ.get("KVQA_KILL_AFTER_STAGE") == name:
         # Fault injection for the kill-and-resume tests: die with SIGKILL at the worst moment, after the
         # stage's outputs are written and before its marker says so.
@@ -86,6 +92,19 @@ def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[
                marker)
     log.info("stage %-9s done: %s", name, json.dumps(summary, sort_keys=True)[:200])
     return summary
+
+
+def bytes_written_since(folder: Path, since: float) -> int:
+    """Bytes of the files under `folder` modified since `since` (what a failed stage had finished)."""
+    total = 0
+    for path in Path(folder).rglob("*"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file() and st.st_mtime >= since:
+            total += st.st_size
+    return total
 
 
 def digests(run_dir: Path, *names: str) -> dict[str, str]:

@@ -4,7 +4,8 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 
 | column | type | meaning |
 |---|---|---|
-| qa_id | str | stable id (= plan_id) |
+| qa_id | str | stable id: the plan_id, or `<plan_id>-pN` for the plan's N-th paraphrase |
+| paraphrase_of | str | the qa_id of the row this row paraphrases (the plan's own row); empty for a plan's own row |
 | source | str | source name |
 | img_id | str | image id |
 | source_label | str | the image's category in its source (for split stratification) |
@@ -19,8 +20,10 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 | boxes | list[struct] | the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax; empty when none) |
 
 Every realised pair goes through the grounding check, then the backend's review (LLM judge, paraphrases).
-Rejected plans go to the quarantine table with their reason: plans = QA rows + rejected, always, where
-paraphrase rows (`qa_id` ending in `-pN`) are extra rows of an accepted plan.
+Rejected plans go to the quarantine table with their reason: plans = rows with an empty `paraphrase_of` +
+rejected, always; paraphrase rows are extra rows of an accepted plan. Whether a row is a paraphrase, and of
+which row, is read from `paraphrase_of` (dedup's paraphrase band compares each paraphrase with it), never
+parsed out of the id.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig
 from kvqa.tables import plain_boxes, quarantine_frame
 
-QA_COLUMNS = ["qa_id", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
+QA_COLUMNS = ["qa_id", "paraphrase_of", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
               "question_class", "generator", "generator_version", "prompt_hash", "boxes"]
 STAGE = "generate"
 
@@ -82,14 +85,14 @@ def fact_boxes(facts: pd.DataFrame) -> dict[str, list[dict]]:
     return {fid: plain_boxes(boxes) for fid, boxes in zip(facts["fact_id"], facts["boxes"]) if len(boxes)}
 
 
-def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, qa_id: str, question: str,
-         boxes: dict[str, list[dict]]) -> tuple:
+def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, qa_id: str, paraphrase_of: str,
+         question: str, boxes: dict[str, list[dict]]) -> tuple:
     asked = [plan.facts[i] for i in res.order]
     original = json.dumps([{"q": f.source_question, "a": f.source_answer} for f in asked], ensure_ascii=False)
     row_boxes = []
     for f in asked:
         row_boxes += [b for b in boxes.get(f.fact_id, []) if b not in row_boxes]
-    return (qa_id, plan.source, plan.img_id, label, plan.complexity, question, res.answer, original,
+    return (qa_id, paraphrase_of, plan.source, plan.img_id, label, plan.complexity, question, res.answer, original,
             [f.question_class for f in asked], backend.name,
             backend.version_for([f.question_class for f in asked]), res.prompt_hash, row_boxes)
 
@@ -128,8 +131,8 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
                     reject(plan, res)
                     continue
                 label = labels[(plan.source, plan.img_id)]
-                rows.append(_row(plan, res, label, backend, plan.plan_id, res.question, boxes))
-                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", q, boxes)
+                rows.append(_row(plan, res, label, backend, plan.plan_id, "", res.question, boxes))
+                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", plan.plan_id, q, boxes)
                          for i, q in enumerate(res.variants, 1)]
             bar.update(len(batch))
     qa = pd.DataFrame(rows, columns=QA_COLUMNS)

@@ -290,5 +290,7 @@ def load_catalog(path: Path | str = DEFAULT_CATALOG_PATH) -> Catalog:
     """Load and validate the catalog; a bad entry fails here with the class named, not mid-run."""
     raw = Path(path).read_bytes()
     data = yaml.safe_load(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a catalog is a mapping (version, classes, ...), not a {type(data).__name__}")
     data["digest"] = hashlib.sha256(raw).hexdigest()
     return Catalog.model_validate(data)

@@ -6,14 +6,16 @@ move together. Every stage receives only its own section, which is also what its
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvqa.catalog import DEFAULT_CATALOG_PATH
+from kvqa.errors import ConfigError, validation_summary, yaml_problem
 from kvqa.redact import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 # 4K 3840 x 2160) and keeps one decoded image under 50 MB (the augmented track holds a few copies).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images itself
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 44  # bits of 256: calibrated on the real Kvasir-SEG frames (README, Splits)
 MaxPixels = Annotated[int, Field(gt=0, le=PILLOW_MAX_PIXELS)]
 
 
@@ -126,9 +129,16 @@ class PlanConfig(_Strict):
         bad = [k for k in v if k not in (2, 3)]
         if bad:
             raise ValueError(f"level_ratios keys must be 2 or 3, got {bad}")
-        if any(r < 0 for r in v.values()):
-            raise ValueError("level_ratios must be >= 0")
+        out_of_range = {k: r for k, r in v.items() if not (math.isfinite(r) and 0 <= r <= MAX_LEVEL_RATIO)}
+        if out_of_range:
+            raise ValueError(f"level_ratios must be between 0 and {MAX_LEVEL_RATIO:g}, got {out_of_range}")
         return dict(sorted(v.items()))
+
+
+# round(ratio * n_facts) must stay a finite integer (inf, nan and 1e308 * n would overflow it). Above this
+# bound a ratio asks for more k-combinations than an image of up to ~78 facts has (C(n, 3) / n =
+# (n - 1)(n - 2) / 6), and the draw is capped at the combinations that exist, so nothing is lost.
+MAX_LEVEL_RATIO = 1000.0
 
 
 class LLMConfig(_Strict):
@@ -159,15 +169,26 @@ class LLMConfig(_Strict):
 
 
 class GenerateConfig(_Strict):
+    """`max_rejected_share`: the share of plans that may be rejected (grounding failures, failed requests)
+    before the run is rejected (exit 1) instead of publishing a release with holes: an unreachable server
+    otherwise gives a "successful" run with every plan `request_failed` (see generate/quality.py)."""
+
     backend: Literal["template", "openai", "batch", "vllm"] = "template"
     llm: LLMConfig = LLMConfig()
+    max_rejected_share: float = Field(default=0.05, ge=0, le=1)
 
 
 class DedupConfig(_Strict):
-    """Semantic deduplication (see `dedup/near.py` for the scopes and the keep rule).
+    """Semantic deduplication (see `dedup/near.py` for the scopes and the paraphrase band).
 
-    `threshold` was calibrated on the catalog's labelled question pairs (`dedup/calibration.py`):
-    see benchmarks/README.md for precision and recall.
+    Two cosine bounds, both calibrated on labelled question pairs (`dedup/calibration.py`; figures in
+    README, Deduplication, and benchmarks/README.md):
+    - `threshold`: "asks the same thing". A paraphrase below it from its source question has drifted and
+      is removed; a test row at or above it from a train row of the same image content and classes leaks.
+    - `paraphrase_max_similarity`: "adds nothing". A paraphrase at or above it from a row kept before it
+      (or with an equal normalised text) is a duplicate and is removed.
+    A paraphrase is kept in the band between: at least `threshold` from its source, below
+    `paraphrase_max_similarity` from every kept row.
     """
 
     enabled: bool = True
@@ -176,11 +197,19 @@ class DedupConfig(_Strict):
     # machine) on ONNX Runtime: same decisions, faster on the CPU (benchmarks/README.md, dedup).
     backend: Literal["torch", "onnx"] = "torch"
     threshold: float = Field(default=0.5, ge=0, le=1)
+    paraphrase_max_similarity: float = Field(default=0.9, ge=0, le=1)
     scopes: tuple[Literal["image", "global", "cross-split"], ...] = ("image", "global", "cross-split")
     global_threshold: float = Field(default=0.95, ge=0, le=1)
     max_repeats: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=128, gt=0)
     cache_dir: Path | None = None  # default: <output_root>/embed-cache, shared by all runs
+
+    @model_validator(mode="after")
+    def _band_not_empty(self) -> "DedupConfig":
+        if self.paraphrase_max_similarity <= self.threshold:
+            raise ValueError(f"dedup.paraphrase_max_similarity ({self.paraphrase_max_similarity}) must be above "
+                             f"dedup.threshold ({self.threshold}): no paraphrase could be kept")
+        return self
 
 
 class AugmentConfig(_Strict):
@@ -199,6 +228,9 @@ class AugmentConfig(_Strict):
 
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    # Two images are near duplicates (kept in one split) when their 256-bit fingerprints are at most this
+    # many bits apart (`dedup.frames`; calibration in README, Splits). 0 = identical fingerprints only.
+    near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=0, le=64)
 
 
 class PublishConfig(_Strict):
@@ -233,44 +265,129 @@ class Config(_Strict):
         return self.output_root / self.run_name
 
 
-def _resolve(value: str | None, base: Path) -> str | None:
-    if value is None:
-        return None
+def _resolve(value, base: Path):
+    """A path taken from the config file's folder; anything that is not a string is left for validation."""
+    if not isinstance(value, str):
+        return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _section(data: dict, key: str) -> dict:
+    """A sub-mapping to resolve paths in; a wrong type is left for validation to report."""
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """The top-level mapping of a YAML file, or ConfigError in one line naming the file and line.
+
+    Covers what a hand-edited file gets wrong: missing, a folder, not UTF-8, a syntax error or a tab
+    (`path:line:column`), a list or a scalar where keys are expected. An empty file is an empty mapping.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"{what} {path}: cannot read: {err.strerror or err}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(yaml_problem(path, err)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a {what} is a mapping of keys (run_name: ..., sources: ...), "
+                          f"not a {type(data).__name__}")
+    return data
 
 
 def load_config(path: Path | str | None = None, overrides: dict | None = None) -> Config:
     """Load a YAML config; relative paths are taken from the config file's folder.
 
     `output_root` defaults to `runs/` in the current working directory when the file does not name one.
+    Raises ConfigError (one line, naming the file) for a file that cannot be read or does not validate.
     """
     path = Path(path) if path is not None else SAMPLE_CONFIG_PATH
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_mapping(path, "config")
     data.update(overrides or {})
     base = path.resolve().parent
-    for src in data.get("sources", []):
+    sources = data.get("sources")
+    for src in sources if isinstance(sources, list) else []:
         for key in SOURCE_PATH_KEYS:
-            if key in src:
+            if isinstance(src, dict) and key in src:
                 src[key] = _resolve(src[key], base)
     data["catalog"] = _resolve(data.get("catalog"), base) or str(DEFAULT_CATALOG_PATH)
-    llm = data.get("generate", {}).get("llm", {})
+    llm = _section(_section(data, "generate"), "llm")
     for key in ("cache_dir", "batch_dir"):
         if llm.get(key):
             llm[key] = _resolve(llm[key], base)
-    dedup = data.get("dedup", {})
+    dedup = _section(data, "dedup")
     if dedup.get("cache_dir"):
         dedup["cache_dir"] = _resolve(dedup["cache_dir"], base)
-    augment = data.get("augment", {})
+    augment = _section(data, "augment")
     if augment.get("catalog"):
         augment["catalog"] = _resolve(augment["catalog"], base)
-    if llm.get("batch_results"):
+    if isinstance(llm.get("batch_results"), list):
         llm["batch_results"] = [_resolve(p, base) for p in llm["batch_results"]]
     if "output_root" in data:
         data["output_root"] = _resolve(data["output_root"], base)
     else:
         data["output_root"] = str(Path("runs").resolve())
-    return Config.model_validate(data)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {validation_summary(err)}") from None
+
+
+INPUT_FOLDER_KEYS = ("image_dir", "masks_dir")  # the other SOURCE_PATH_KEYS name files
+
+
+def path_problems(cfg: Config) -> list[str]:
+    """What on disk stops `cfg` from running, one short phrase each, empty when nothing does.
+
+    An input that is missing, a label file that is a folder, an image folder that is a file (it would
+    give an empty release, every image `missing_image`), an output folder (or one of its parents) that
+    is a file. Checked before a run starts so these are one line, not a traceback half way through.
+    """
+    problems = []
+    for src in cfg.sources:
+        for key in SOURCE_PATH_KEYS:
+            value = getattr(src, key, None)
+            if value is None:
+                continue
+            p, want_folder = Path(value), key in INPUT_FOLDER_KEYS
+            if not p.exists():
+                problems.append(f"input not found: {p} ({key} of source {src.name})")
+            elif want_folder and not p.is_dir():
+                problems.append(f"{p}: is a file, not a folder ({key} of source {src.name})")
+            elif not want_folder and not p.is_file():
+                problems.append(f"{p}: is a folder, not a file ({key} of source {src.name})")
+    outputs = {"output_root": cfg.output_root, "run folder": cfg.run_dir,
+               "generate.llm.cache_dir": cfg.generate.llm.cache_dir,
+               "generate.llm.batch_dir": cfg.generate.llm.batch_dir, "dedup.cache_dir": cfg.dedup.cache_dir}
+    blockers: dict[Path, str] = {}
+    for what, folder in outputs.items():
+        blocker = _file_in_the_way(folder) if folder is not None else None
+        if blocker is not None:
+            blockers.setdefault(blocker, f"{blocker}: is a file, not a folder ({what} {folder})")
+    return problems + list(blockers.values())
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing path at or above `folder` when it is not a folder (mkdir would fail there)."""
+    for candidate in (Path(folder), *Path(folder).parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def _public_path(path: str | Path, config_dir: Path) -> str:

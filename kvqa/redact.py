@@ -13,7 +13,6 @@ import re
 from typing import Any
 from urllib.parse import SplitResult, unquote, urlsplit, urlunsplit
 
-from pydantic import ValidationError
 
 REDACTED = "<redacted>"
 
@@ -70,16 +69,3 @@ def redact(value: Any) -> Any:
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
     return value
-
-
-def validation_message(err: Exception) -> str:
-    """A pydantic `ValidationError` as readable lines, without the secrets its default text would echo
-    (it prints each failing input, e.g. a whole `llm:` section with its `base_url`); other errors as is."""
-    if not isinstance(err, ValidationError):
-        return str(err)
-    lines = []
-    for e in err.errors(include_url=False):
-        loc = ".".join(str(p) for p in e["loc"])
-        value = REDACTED if any(is_secret_name(str(p)) for p in e["loc"]) else redact(e.get("input"))
-        lines.append(f"{loc or '(config)'}: {e['msg']} (got {value!r})")
-    return "\n".join(lines)

@@ -48,27 +48,65 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _dedup_section(d: dict) -> list[str]:
-    """Dedup figures and the nearest-neighbour similarity histogram of the phrasings."""
+    """Dedup figures, the groups of near-identical phrasings, the nearest-neighbour histogram, and the
+    image-level near-duplicate figures (clusters kept in one split, pairs across splits)."""
     if not d or d.get("enabled") is False:
-        return ["## Deduplication", "", "Not run for this release.", ""]
+        return ["## Deduplication", "", "Not run for this release.", "", *_near_duplicate_images(d or {})]
     g = d.get("global", {})
+    t = g.get("near_identical_threshold", "-")
     lines = ["## Deduplication", "",
-             f"Questions embedded with `{d['model']}`; within one image, rows with the same question classes "
-             f"whose normalised questions are equal or have cosine similarity >= {d['threshold']} are "
-             "duplicates, and one is kept (the plan's own row before its paraphrases, then the smallest "
-             "qa_id). Every removal is listed with its reason in the run's `duplicates` table.", "",
+             f"Questions embedded with `{d['model']}`. Within one image and set of question classes, the plan's "
+             "own row is kept and each LLM paraphrase of it is kept only in a band: a paraphrase whose normalised "
+             f"question equals a kept row's, or whose cosine similarity to one is >= "
+             f"{d.get('paraphrase_max_similarity', '-')}, adds nothing (a duplicate); one whose cosine similarity "
+             f"to its source question is < {d['threshold']} no longer asks the same thing (drifted). Every "
+             "removal is listed with its rule and similarity in the run's `duplicates` table.", "",
              _table(["figure", "value"], [
                  ["rows before", d["rows_in"]], ["rows kept", d["rows_kept"]], ["rows removed", d["rows_removed"]],
                  *[[f"removed ({k})", v] for k, v in d.get("removed_by", {}).items()],
-                 ["distinct phrasings in the release", g.get("distinct_phrasings", "-")],
-                 ["rows whose phrasing recurs", g.get("rows_with_recurring_phrasing", "-")],
-                 [f"phrasings in near-identical groups (cosine >= {g.get('near_identical_threshold', '-')})",
-                  g.get("phrasings_in_near_identical_groups", "-")],
+                 ["paraphrase rows before / kept", f"{d.get('paraphrases_in', '-')} / {d.get('paraphrases_kept', '-')}"],
+                 ["distinct phrasings (normalised questions) of the rows kept by the image scope",
+                  g.get("distinct_phrasings", "-")],
+                 ["rows whose phrasing is shared with another row", g.get("rows_with_recurring_phrasing", "-")],
+                 [f"pairs of distinct phrasings with cosine >= {t}", g.get("near_identical_pairs", "-")],
+                 [f"phrasings with another within cosine >= {t}",
+                  g.get("phrasings_with_a_near_identical_neighbour", "-")],
+                 [f"groups of near-identical phrasings (each member within cosine >= {t} of its group's leader)",
+                  g.get("near_identical_groups", "-")],
                  ["test rows repeating a train image and meaning", d.get("test_rows_leaking", "-")]]), ""]
+    if g.get("most_repeated"):
+        lines += ["Most repeated phrasings:", "", _table(["phrasing", "rows"], g["most_repeated"]), ""]
+    if g.get("largest_near_identical_groups"):
+        lines += ["Largest groups of near-identical phrasings, by rows (leader: the group's most repeated "
+                  "phrasing):", "",
+                  _table(["leader", "phrasings", "rows", "least similar member"],
+                         [[x["leader"], x["phrasings"], x["rows"], x["min_similarity_to_leader"]]
+                          for x in g["largest_near_identical_groups"]]), ""]
     hist = g.get("nearest_neighbour_histogram")
     if hist:
         lines += ["Nearest-neighbour cosine similarity of each distinct phrasing:", "",
                   _table(["similarity", "phrasings"], [[k, v] for k, v in hist.items() if v]), ""]
+    return lines + _near_duplicate_images(d)
+
+
+def _near_duplicate_images(d: dict) -> list[str]:
+    """Image-level figures (`dedup.frames.cluster_figures`), when the run computed them."""
+    if "clusters" not in d:
+        return []
+    radius = d.get("near_duplicate_distance", "-")
+    lines = ["### Near-duplicate images", "",
+             "Frames of one scene (video neighbours; re-encoded, resized, cropped or slightly rotated copies; "
+             f"one picture under two ids) are found by a 256-bit perceptual fingerprint (distance <= {radius} "
+             "bits, or equal bytes) and every cluster of them is kept in one split.", "",
+             _table(["figure", "value"], [
+                 [f"near-duplicate image pairs across splits (fingerprint distance <= {radius} of 256 bits)",
+                  d.get("near_duplicate_pairs_across_splits", "-")],
+                 ["clusters of near-duplicate images (more than one image)", d["clusters"]],
+                 ["images in those clusters", d.get("images_in_clusters", "-")],
+                 ["largest cluster (images)", d.get("largest_cluster", "-")]]), ""]
+    sizes = d.get("cluster_sizes") or {}
+    if sizes:
+        lines += [_table(["cluster size", "clusters"], [[k, v] for k, v in sizes.items()]), ""]
     return lines
 
 

@@ -6,17 +6,24 @@ as `load_dataset(folder)` and `load_dataset(folder, "augmented")`.
 
 `datasets` does not embed image files by itself when given paths, so the writer puts each image's bytes
 into the `image` struct ({bytes, path}) and stores the `datasets` features in the parquet schema metadata;
-`load_dataset(folder)` then decodes the column as images, offline. Rows are streamed shard by shard in row
-groups, reading each image once per split (rows are grouped by image), so memory stays bounded by one row
-group whatever the release size.
+`load_dataset(folder)` then decodes the column as images, offline.
+
+Each image's bytes are stored once, not once per row (an image has ~24 rows, ×10 variants in `augmented`):
+rows are grouped by image file, row groups hold whole images, and the `image.bytes` column is
+dictionary-encoded, so a row group stores one dictionary page of its distinct images and, per row, an index
+into it. Readers decode it back to plain bytes per row (pyarrow, `datasets`, streaming included), so the
+rows, columns and features are what they were. Rows are streamed shard by shard, one row group at a time,
+reading each image once per row group, so memory stays bounded by one row group whatever the release size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +57,12 @@ RELEASE_FEATURES = Features({
 AUGMENTED_FEATURES = Features({**{k: v for k, v in RELEASE_FEATURES.items() if k != "boxes"},
                                "variant": Value("int32"), "artifact": Value("string")})
 SPLITS = ("train", "test")
+# Cap on a row group's distinct image bytes (its image dictionary page, read whole by every reader of the row
+# group): ~600 Kvasir images of ~100 kB, far above the ~40 images of a 1,000-row group at ~24 rows per image.
+ROW_GROUP_IMAGE_BYTES = 64 * 1024 * 1024
+DICTIONARY_ENTRY_PREFIX = 4  # Arrow sizes a BYTE_ARRAY dictionary as the sum of (length prefix + value)
+DICTIONARY_COLUMNS = ["image.bytes", "image.path", "img_id", "source", "source_label", "generator",
+                      "generator_version"]
 
 
 def release_rows(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame) -> pd.DataFrame:
@@ -95,21 +108,64 @@ def augmented_rows(rows: pd.DataFrame, augmentations: pd.DataFrame, run_dir: Pat
     return out.sort_values(["split", "source", "img_id", "variant", "complexity", "qa_id"], kind="stable")
 
 
-def plan_shards(rows: pd.DataFrame, max_shard_bytes: int) -> list[pd.DataFrame]:
-    """Cut a split's rows into shards of at most ~max_shard_bytes (image bytes + text), in order."""
-    size = rows["n_bytes"].to_numpy() + rows["question"].str.len().to_numpy() + rows["answer"].str.len().to_numpy()
-    shards, start, acc = [], 0, 0
-    for i, s in enumerate(size):
-        if acc and acc + s > max_shard_bytes:
-            shards.append(rows.iloc[start:i])
-            start, acc = i, 0
-        acc += int(s)
-    shards.append(rows.iloc[start:])
-    return shards
+@dataclass(frozen=True)
+class RowGroupPlan:
+    """Rows [start, end) of a split's rows (positions), written as one parquet row group."""
+    start: int
+    end: int
+    image_bytes: int  # its distinct images, as its image dictionary page holds them (each with a length prefix)
+    text_bytes: int   # its question + answer characters: the shard size estimate's text part
 
 
-def column_codecs(schema: pa.Schema) -> dict[str, str]:
-    """zstd for every leaf column except the image bytes: JPEG/PNG do not compress, zstd only costs CPU."""
+def plan_row_groups(rows: pd.DataFrame, row_group_rows: int,
+                    image_bytes_cap: int = ROW_GROUP_IMAGE_BYTES) -> list[RowGroupPlan]:
+    """Cut a split's rows (grouped by image file) into row groups of whole images, each of at most
+    `row_group_rows` rows and `image_bytes_cap` distinct image bytes.
+
+    Whole images, so an image's bytes are in one dictionary page, not in one per row group it straddles. The
+    byte cap bounds the dictionary page, which every reader of the row group reads whole, and which the
+    writer's dictionary limit must exceed (past it, Arrow writes the rest of the column chunk PLAIN: every
+    row's bytes again). An image with more rows than a row group fills row groups of its own, stored once in
+    each; an image larger than the cap is a row group's only image.
+    """
+    paths = rows["path"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, paths[1:] != paths[:-1]]) if len(paths) else np.array([], dtype=int)
+    ends = np.r_[starts[1:], len(paths)]
+    costs = rows["n_bytes"].to_numpy()[starts] + DICTIONARY_ENTRY_PREFIX
+    text = np.r_[0, np.cumsum(rows["question"].str.len().to_numpy() + rows["answer"].str.len().to_numpy())]
+    bounds: list[tuple[int, int, int]] = []
+    group_start, group_bytes = 0, 0
+    for start, end, cost in zip(starts.tolist(), ends.tolist(), costs.tolist()):
+        if start > group_start and (end - group_start > row_group_rows or group_bytes + cost > image_bytes_cap):
+            bounds.append((group_start, start, group_bytes))
+            group_start, group_bytes = start, 0
+        while end - group_start > row_group_rows:  # one image with more rows than a row group
+            bounds.append((group_start, group_start + row_group_rows, cost))
+            group_start += row_group_rows
+        group_bytes += cost
+    if len(paths):
+        bounds.append((group_start, len(paths), group_bytes))
+    return [RowGroupPlan(s, e, b, int(text[e] - text[s])) for s, e, b in bounds]
+
+
+def plan_shards(groups: list[RowGroupPlan], max_shard_bytes: int) -> list[list[RowGroupPlan]]:
+    """Pack a split's row groups, in order, into shards of at most ~max_shard_bytes (each row group's
+    distinct image bytes + its text; one row group over the cap is a shard of its own)."""
+    shards: list[list[RowGroupPlan]] = []
+    current: list[RowGroupPlan] = []
+    acc = 0
+    for group in groups:
+        size = group.image_bytes + group.text_bytes
+        if current and acc + size > max_shard_bytes:
+            shards.append(current)
+            current, acc = [], 0
+        current.append(group)
+        acc += size
+    return [*shards, current] if current else shards
+
+
+def leaf_columns(schema: pa.Schema) -> list[str]:
+    """Parquet leaf column paths of a schema (`image.bytes`, `question_class.list.element`, ...)."""
     paths = []
     for f in schema:
         if pa.types.is_struct(f.type):
@@ -118,26 +174,40 @@ def column_codecs(schema: pa.Schema) -> dict[str, str]:
             paths.append(f"{f.name}.list.element")
         else:
             paths.append(f.name)
-    return {p: ("NONE" if p == "image.bytes" else "ZSTD") for p in paths}
+    return paths
 
 
-def _write_shard(rows: pd.DataFrame, path: Path, features: Features, row_group_rows: int, bar: tqdm) -> None:
+def column_codecs(schema: pa.Schema) -> dict[str, str]:
+    """zstd for every leaf column except the image bytes: JPEG/PNG do not compress, zstd only costs CPU."""
+    return {p: ("NONE" if p == "image.bytes" else "ZSTD") for p in leaf_columns(schema)}
+
+
+def _image_column(chunk: pd.DataFrame, image_type: pa.StructType) -> pa.StructArray:
+    """The `image` struct of a row group's rows, each distinct file read once (its rows are consecutive)."""
+    paths = chunk["path"].to_numpy()
+    first = np.r_[True, paths[1:] != paths[:-1]]
+    distinct = pa.array([Path(p).read_bytes() for p in paths[first]], pa.binary())
+    return pa.StructArray.from_arrays([distinct.take(pa.array(np.cumsum(first) - 1)),
+                                       pa.array(chunk["image_name"].tolist(), pa.string())], fields=list(image_type))
+
+
+def _write_shard(rows: pd.DataFrame, groups: list[RowGroupPlan], path: Path, features: Features, bar: tqdm) -> None:
     schema = features.arrow_schema
     columns = list(features)
-    last_path, last_bytes = None, b""
+    # Arrow checks a dictionary's size after each batch of 1,024 values and, once it is >= the limit, writes the
+    # rest of the column chunk PLAIN; so the limit is set above every planned row group's distinct images
+    # (never below Arrow's 1 MiB default, which the other dictionary columns keep).
+    dictionary_limit = max(1 << 20, max(g.image_bytes for g in groups) + 1)
     with atomic_path(path) as tmp:
+        # No min/max statistics on the image bytes: Arrow keeps values up to 4 kB whole there, which would
+        # store a small image again in the footer and in page headers, for no query anyone makes.
         with pq.ParquetWriter(tmp, schema, compression=column_codecs(schema),
-                              use_dictionary=["img_id", "source", "source_label", "generator",
-                                              "generator_version"]) as w:
-            for start in range(0, len(rows), row_group_rows):
-                chunk = rows.iloc[start:start + row_group_rows]
-                images = []
-                for p, name in zip(chunk["path"], chunk["image_name"]):
-                    if p != last_path:
-                        last_path, last_bytes = p, Path(p).read_bytes()
-                    images.append({"bytes": last_bytes, "path": name})
+                              use_dictionary=DICTIONARY_COLUMNS, dictionary_pagesize_limit=dictionary_limit,
+                              write_statistics=[p for p in leaf_columns(schema) if p != "image.bytes"]) as w:
+            for group in groups:
+                chunk = rows.iloc[group.start:group.end]
                 cols = {c: chunk[c].tolist() for c in columns if c not in ("image", "boxes")}
-                cols["image"] = images
+                cols["image"] = _image_column(chunk, schema.field("image").type)
                 if "boxes" in columns:
                     cols["boxes"] = [plain_boxes(boxes) for boxes in chunk["boxes"]]
                 w.write_table(pa.Table.from_pydict({c: cols[c] for c in columns}, schema=schema))
@@ -145,7 +215,7 @@ def _write_shard(rows: pd.DataFrame, path: Path, features: Features, row_group_r
 
 
 def write_config_shards(rows: pd.DataFrame, out_dir: Path, folder: str, features: Features,
-                        config: PublishConfig) -> dict:
+                        config: PublishConfig, image_bytes_cap: int = ROW_GROUP_IMAGE_BYTES) -> dict:
     """Write one config's rows as `out_dir/folder/{split}-NNNNN-of-NNNNN.parquet`; return
     {split: [{file, rows, sha256}]}.
 
@@ -153,10 +223,9 @@ def write_config_shards(rows: pd.DataFrame, out_dir: Path, folder: str, features
     """
     data_dir = Path(out_dir) / folder
     data_dir.mkdir(parents=True, exist_ok=True)
-    planned: dict[str, list[pd.DataFrame]] = {
-        split: plan_shards(part, config.max_shard_bytes)
-        for split, part in rows.groupby("split", sort=False) if split in SPLITS
-    }
+    parts = {split: part for split, part in rows.groupby("split", sort=False) if split in SPLITS}
+    planned = {split: plan_shards(plan_row_groups(part, config.row_group_rows, image_bytes_cap),
+                                  config.max_shard_bytes) for split, part in parts.items()}
     names = {split: [f"{split}-{i:05d}-of-{len(shards):05d}.parquet" for i in range(len(shards))]
              for split, shards in planned.items()}
     keep = {n for ns in names.values() for n in ns}
@@ -168,9 +237,10 @@ def write_config_shards(rows: pd.DataFrame, out_dir: Path, folder: str, features
               disable=len(rows) < 5000) as bar:
         for split in SPLITS:
             for shard, name in zip(planned.get(split, []), names.get(split, [])):
-                _write_shard(shard, data_dir / name, features, config.row_group_rows, bar)
-                written.setdefault(split, []).append(
-                    {"file": f"{folder}/{name}", "rows": len(shard), "sha256": file_digest(data_dir / name)})
+                _write_shard(parts[split], shard, data_dir / name, features, bar)
+                written.setdefault(split, []).append({"file": f"{folder}/{name}",
+                                                      "rows": shard[-1].end - shard[0].start,
+                                                      "sha256": file_digest(data_dir / name)})
     return written
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from kvqa.catalog import Catalog
+from kvqa.errors import BadInput
 from kvqa.tables import quarantine_frame
 
 STAGE = "sources"
@@ -45,7 +46,7 @@ def bad_id(value: object) -> str | None:
     return f"image id {value!r} is not a safe file name ({ID_RULE})"
 
 
-class LabelFileError(ValueError):
+class LabelFileError(BadInput):
     """A label file that cannot be read at all (missing, empty, binary, wrong header, not JSON, rows that
     cannot be split): the run stops before anything is built. The message is one line, `path:line: what`."""
 

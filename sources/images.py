@@ -27,6 +27,21 @@ Images table (`stages/images.parquet`):
 | format | str | PIL format (JPEG, PNG) |
 | width, height | int | pixel size as displayed (after the EXIF orientation) |
 | n_bytes | int | file size |
+| fingerprint | str | perceptual fingerprint of the whole picture as displayed: 256 bits as 64 hex digits (below) |
+| window_fingerprints | str | the same fingerprint of 5 crop windows of the picture, 5 x 64 hex digits |
+
+Fingerprint. Frames of one video scene, re-encoded, resized, cropped, brightened or slightly rotated
+copies must stay in one split (`dedup.frames`, `publish.split`), so each usable image gets a perceptual
+fingerprint here, where it is decoded anyway (the table is the cache: it is recomputed only when this stage
+reruns). The picture, turned to its displayed orientation, is box-reduced to at most 128 px (memory stays
+bounded: the full-size copy is never duplicated) and 256 bits are taken from it with `imagehash` 4.3.2:
+horizontal and vertical difference hashes (`dhash`, `dhash_vertical`) and the DCT hash (`phash`) of the
+luminance, 64 bits each, and the horizontal difference hash of a red-green chroma image (64 bits: the
+colour of a lesion tells frames apart that luminance does not). Every hash here is coarse (an 8 x 8 grid),
+so it survives re-encoding, resizing, brightness and a few degrees of rotation; a crop moves the grid, so
+the same 256 bits are also taken of `FINGERPRINT_WINDOWS` (the four corner windows of 92.5 % of each side
+and the central 90 %): a copy cropped by 5-10 % is near one of its original's windows. Calibration and
+distances: README, Splits.
 """
 
 from __future__ import annotations
@@ -35,6 +50,8 @@ import os
 import warnings
 from pathlib import Path
 
+import imagehash
+import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
@@ -43,11 +60,21 @@ from kvqa.config import DEFAULT_MAX_PIXELS, SourceConfig
 from kvqa.tables import file_digest, quarantine_frame
 from sources.common import bad_id
 
-IMAGE_COLUMNS = ["source", "img_id", "path", "sha256", "format", "width", "height", "n_bytes"]
+IMAGE_COLUMNS = ["source", "img_id", "path", "sha256", "format", "width", "height", "n_bytes", "fingerprint",
+                 "window_fingerprints"]
 ALLOWED_FORMATS = {"JPEG", "PNG"}
 STAGE = "images"
 EXIF_ORIENTATION = 0x0112
 SWAPPED_ORIENTATIONS = {5, 6, 7, 8}  # transpose / rotate 270 / transverse / rotate 90: width and height swap
+# What `ImageOps.exif_transpose` applies for each orientation, applied here to the reduced picture.
+ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+FINGERPRINT_SIDE = 128  # the reduced picture's longer side, in pixels (the hashes read 8 x 8 to 32 x 32)
+# Crop windows (left, top, right, bottom as fractions of the picture): four corners of 92.5 % and the
+# central 90 %. Calibrated with the crops, rotations and re-encodings of README's Splits section.
+FINGERPRINT_WINDOWS = ((0.0, 0.0, 0.925, 0.925), (0.075, 0.0, 1.0, 0.925), (0.0, 0.075, 0.925, 1.0),
+                       (0.075, 0.075, 1.0, 1.0), (0.05, 0.05, 0.95, 0.95))
 
 
 class ImageError(ValueError):
@@ -85,8 +112,54 @@ def exif_orientation(im: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def _reduced_rgb(im: Image.Image, orientation: int) -> Image.Image:
+    """The picture as displayed, 8-bit RGB, box-reduced to at most FINGERPRINT_SIDE px on its longer side.
+
+    The reduction comes first, from the decoded pixels, so no full-size converted copy is ever made (a
+    palette or CMYK image is converted first: Pillow reduces only plain modes). Grayscale of 16 bits is
+    scaled to 8 and transparency is composited over black, as the augmented track renders them."""
+    if im.mode not in {"1", "L", "LA", "RGB", "RGBA", "I", "F", "I;16", "I;16B", "I;16L"}:
+        im = im.convert("RGBA" if "transparency" in im.info or im.mode == "PA" else "RGB")
+    elif im.mode == "1":
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):
+        im = im.convert("I")
+    scale = FINGERPRINT_SIDE / max(im.size)
+    if scale < 1:
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.BOX)
+    if im.mode in {"I", "F"}:
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(arr / 257.0 if arr.max(initial=0) > 255 else arr), 0, 255)
+                             .astype(np.uint8))
+    if im.mode in {"LA", "RGBA"}:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    im = im.convert("RGB")
+    return im.transpose(ORIENTATION_TRANSPOSE[orientation]) if orientation in ORIENTATION_TRANSPOSE else im
+
+
+def _hash_bits(luma: Image.Image, chroma: Image.Image) -> np.ndarray:
+    """256 bits of one picture given as its luminance and red-green chroma: dhash, vertical dhash and
+    phash of the luminance, dhash of the chroma."""
+    hashes = (imagehash.dhash(luma, 8), imagehash.dhash_vertical(luma, 8), imagehash.phash(luma, 8),
+              imagehash.dhash(chroma, 8))
+    return np.concatenate([h.hash.ravel() for h in hashes])
+
+
+def frame_fingerprints(im: Image.Image, orientation: int = 1) -> tuple[str, str]:
+    """(fingerprint, window_fingerprints) of a decoded picture, as hex (see the module docstring)."""
+    picture = _reduced_rgb(im, orientation)
+    rgb = np.asarray(picture, dtype=np.int16)
+    luma = picture.convert("L")
+    chroma = Image.fromarray(((rgb[..., 0] - rgb[..., 1]) // 2 + 128).clip(0, 255).astype(np.uint8))
+    w, h = picture.size
+    boxes = [(round(l * w), round(t * h), max(round(r * w), round(l * w) + 1), max(round(b * h), round(t * h) + 1))
+             for l, t, r, b in FINGERPRINT_WINDOWS]
+    whole = np.packbits(_hash_bits(luma, chroma)).tobytes().hex()
+    return whole, "".join(np.packbits(_hash_bits(luma.crop(box), chroma.crop(box))).tobytes().hex() for box in boxes)
+
+
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    """Hash and fully decode one image file; raise ImageError with a reason if it is not usable.
+    """Hash, fully decode and fingerprint one image file; raise ImageError with a reason if it is not usable.
 
     The size is checked from the header first: an image over `max_pixels` is never decoded.
     """
@@ -104,6 +177,7 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
                 im.load()
                 orientation = exif_orientation(im)
                 width, height = im.size[::-1] if orientation in SWAPPED_ORIENTATIONS else im.size
+                fingerprint, window_fingerprints = frame_fingerprints(im, orientation)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # over Pillow's own limit
@@ -115,7 +189,7 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     if fmt not in ALLOWED_FORMATS:
         raise ImageError("unsupported_format", f"{path.name} is {fmt}, expected one of {sorted(ALLOWED_FORMATS)}")
     return {"sha256": file_digest(path), "format": fmt, "width": width, "height": height, "n_bytes": n_bytes,
-            "orientation": orientation}
+            "orientation": orientation, "fingerprint": fingerprint, "window_fingerprints": window_fingerprints}
 
 
 def images_with_boxes(facts: pd.DataFrame) -> set[tuple[str, str]]:

@@ -2,7 +2,8 @@
 
 It answers deterministically from the facts in the prompt, like a competent model would: the compose
 prompt's facts are parsed back and realised with the project's template phrasings, the judge says
-"consistent", paraphrases are the catalog's other phrasings. Faults are injected on request, by a
+"consistent". Paraphrases are one of each kind dedup's paraphrase band sorts (`paraphrases`): a verbatim
+copy, a faithful rewording, a drifted question on the same topic, then one that covers no class. Faults are injected on request, by a
 `chooser(messages, attempt) -> fault | None` the test provides (`attempt` counts earlier requests with
 the same messages):
 
@@ -32,6 +33,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.backends import PlanFact, PlanInput  # noqa: E402
+from generate.grounding import normalise  # noqa: E402
 from generate.template import TemplateRealizer  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
 from sources.kvasir_vqa import parse_answer  # noqa: E402
@@ -162,10 +164,25 @@ class OpenAIStandIn:
         if name == "naturalize":
             question = re.search(r"Question: (.*)\n", user).group(1)
             n = int(re.search(r"Write (\d+) different", user).group(1))
-            return json.dumps({"paraphrases": [f"Looking at this frame: {question[0].lower()}{question[1:]}",
-                                               f"In this endoscopy image, {question[0].lower()}{question[1:]}",
-                                               "What is shown?"][:n]})
+            return json.dumps({"paraphrases": self.paraphrases(question)[:n]})
         return json.dumps({})
+
+    def paraphrases(self, question: str) -> list[str]:
+        """[verbatim, faithful, drifted, no class]: the question in lower case without its question mark
+        (dedup: an exact duplicate); the question behind a preamble (faithful); a question about the
+        referral letter that keeps only the words carrying the question's class cues, so it passes the
+        grounding check but asks something else (drifted); "What is shown?" (fails the grounding check)."""
+        q = normalise(question)
+        words: list[str] = []
+        for qc in self.catalog.classes.values():
+            hits = [next((c for c in group if c in q), None) for group in qc.question_cues]
+            if all(hits):
+                for cue in hits:
+                    word = cue if " " in cue else next(t for t in q.split() if cue in t)
+                    words += [word] if word not in words else []
+        return [question.lower().rstrip("?"), f"In this endoscopy image, {question[0].lower()}{question[1:]}",
+                f"According to last year's referral letter, what was noted about {', '.join(words)}, and which "
+                "sedation did the patient receive?", "What is shown?"]
 
 
 async def serve_asyncio(standin: OpenAIStandIn, latency_s: float) -> None:

@@ -46,22 +46,30 @@ def plant_paraphrases(qa: pd.DataFrame, catalog) -> pd.DataFrame:
     for r in level1.itertuples(index=False):
         phrasings = catalog.classes[r.question_class[0]].questions
         other = next(q for q in phrasings if q != r.question)
-        planted.append({**r._asdict(), "qa_id": f"{r.qa_id}-p1", "question": other})
+        planted.append({**r._asdict(), "qa_id": f"{r.qa_id}-p1", "paraphrase_of": r.qa_id, "question": other})
     return pd.concat([qa, pd.DataFrame(planted)], ignore_index=True)
 
 
-def test_planted_paraphrases_are_removed_and_distinct_questions_survive(real_qa, catalog, encoder, tmp_path):
+# Share of planted catalog phrasings the band keeps: 0.87 (203 of 233; 19 removed as too close, 11 as
+# drifted). The old rule (remove within cosine 0.5 of a kept row) kept under 0.1.
+KEPT_SHARE = 0.8
+
+
+def test_planted_paraphrases_meet_the_band_and_distinct_questions_survive(real_qa, catalog, encoder, tmp_path):
     mixed = plant_paraphrases(real_qa, catalog)
     cfg = DedupConfig(scopes=("image",))
     kept, dups, figures, _ = deduplicate(mixed, cfg, encoder, EmbeddingCache(tmp_path, encoder.model_id), seed=42)
     assert len(kept) + len(dups) == len(mixed) == figures["rows_in"]
-    planted = set(mixed.qa_id[mixed.qa_id.str.endswith("-p1")])
-    recall = len(planted & set(dups.qa_id)) / len(planted)
-    assert recall >= 0.9, recall  # catalog paraphrases of one class, same image
+    planted = set(mixed.qa_id[mixed.paraphrase_of != ""])
     # Nothing but planted rows is removed: every original question of every image survives.
     assert set(dups.qa_id) <= planted and set(real_qa.qa_id) <= set(kept.qa_id)
     assert (dups.duplicate_of.str.len() == 16).all() and set(dups.scope) == {"image"}
-    assert dups.similarity.between(cfg.threshold, 1.0).all()
+    # Another catalog phrasing of the row's class is faithful: most are kept (the band, tests/test_band.py);
+    # a removed one is on the wrong side of a bound.
+    assert len(planted & set(kept.qa_id)) / len(planted) >= KEPT_SHARE
+    assert set(dups.rule) <= {"near", "drifted"}
+    assert dups.similarity[dups.rule == "near"].ge(cfg.paraphrase_max_similarity).all()
+    assert dups.similarity[dups.rule == "drifted"].lt(cfg.threshold).all()
 
 
 def test_survivor_is_the_same_whatever_the_row_order(real_qa, catalog, encoder, tmp_path):

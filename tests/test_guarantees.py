@@ -173,21 +173,23 @@ def test_a_card_change_does_not_rewrite_the_shards(capped_run, tmp_path):
 
 # --- add-class rollback -----------------------------------------------------------------------------------
 
-def _moves_a_split(run: Path, new_id: str, sha: str) -> bool:
+def _moves_a_split(run: Path, new_id: str, path: Path) -> bool:
     from publish.split import assign_splits
+    from sources.images import check_image
 
     images = pd.read_parquet(run / "stages" / "images.parquet")
     splits = pd.read_parquet(run / "stages" / "splits.parquet")
-    usable = splits.merge(images[["source", "img_id", "sha256"]], on=["source", "img_id"])
-    extra = pd.DataFrame([{"source": "kvasir-vqa", "img_id": new_id, "source_label": "Polyps", "sha256": sha}])
+    keep = ["source", "img_id", "sha256", "fingerprint", "window_fingerprints"]
+    usable = splits.merge(images[keep], on=["source", "img_id"])
+    checked = check_image(path)
+    extra = pd.DataFrame([{"source": "kvasir-vqa", "img_id": new_id, "source_label": "Polyps",
+                           **{k: checked[k] for k in keep[2:]}}])
     again = assign_splits(pd.concat([usable.drop(columns="split"), extra], ignore_index=True), 0.25, 42)
     merged = usable.merge(again, on=["source", "img_id"], suffixes=("", "_new"))
     return bool((merged["split"] != merged["split_new"]).any())
 
 
 def test_add_class_that_would_change_rows_is_rolled_back_to_the_same_bytes(tmp_path):
-    import hashlib
-
     csv_path, images = copy_sample(tmp_path / "sample")
     catalog = yaml.safe_load((ROOT / "prompts" / "question_classes.yaml").read_text())
     cat_path = tmp_path / "catalog.yaml"
@@ -198,12 +200,12 @@ def test_add_class_that_would_change_rows_is_rolled_back_to_the_same_bytes(tmp_p
     run = tmp_path / "runs" / "rb"
     # An image whose only label row is a question no class claims yet: the run does not have it. Its id
     # is chosen so that it lands in the split order before an image of the run (it moves the split).
-    frame = Image.open(sorted(images.glob("*.jpg"))[0]).convert("RGB")
-    frame.putpixel((0, 0), (1, 2, 3))
+    # A picture of its own (turned upside down: not a near duplicate of the frame, which would join its
+    # cluster and move nothing).
+    frame = Image.open(sorted(images.glob("*.jpg"))[0]).convert("RGB").transpose(Image.Transpose.ROTATE_180)
     new_id = next(f"clrollback{i:015d}" for i in range(1000)
                   if (frame.save(images / f"clrollback{i:015d}.jpg", quality=90) or True)
-                  and _moves_a_split(run, f"clrollback{i:015d}",
-                                     hashlib.sha256((images / f"clrollback{i:015d}.jpg").read_bytes()).hexdigest()))
+                  and _moves_a_split(run, f"clrollback{i:015d}", images / f"clrollback{i:015d}.jpg"))
     for stray in images.glob("clrollback*.jpg"):
         if stray.stem != new_id:
             stray.unlink()
@@ -218,6 +220,7 @@ def test_add_class_that_would_change_rows_is_rolled_back_to_the_same_bytes(tmp_p
     proc = run_cli("add-class", "sedation", "--run", "rb", "--output-root", str(tmp_path / "runs"), check=False)
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert proc.returncode == 2 and last.startswith("error: adding 'sedation' would change") and "Rolled back" in last
+    assert "Traceback" not in proc.stderr
     assert not (run / "class_additions.json").exists()
     assert tree_digests(run) == before  # every old row and file is back as it was
     assert not (run.parent / ".rb.snapshot").exists()

@@ -191,18 +191,20 @@ def test_judge_and_paraphrases(small, catalog, tmp_path):
     def judge(messages, attempt):
         return "judge_no" if messages[1]["content"].count('"class"') == 3 else None
     with OpenAIStandIn(chooser=judge) as standin:
-        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "c", verify=True, naturalize_variants=3),
+        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "c", verify=True, naturalize_variants=4),
                               small, catalog)
     plans = small[1]
     level3 = set(plans[plans.complexity == 3].plan_id)
     assert set(rejected.key) == level3 and set(rejected.reason) == {"judge_rejected"}
-    base = qa[~qa.qa_id.str.contains("-p")]
-    variants = qa[qa.qa_id.str.contains("-p")]
+    base = qa[qa.paraphrase_of == ""]
+    variants = qa[qa.paraphrase_of != ""]
     assert len(base) + len(rejected) == len(plans)
-    # The stand-in offers three paraphrases; "What is shown?" covers no class and is dropped.
-    assert len(variants) == 2 * len(base) and not variants.question.eq("What is shown?").any()
-    assert (variants.merge(base, left_on=variants.qa_id.str[:16], right_on="qa_id").answer_x
-            == variants.merge(base, left_on=variants.qa_id.str[:16], right_on="qa_id").answer_y).all()
+    # The stand-in offers four paraphrases; "What is shown?" covers no class and is dropped.
+    assert len(variants) == 3 * len(base) and not variants.question.eq("What is shown?").any()
+    assert variants.paraphrase_of.isin(base.qa_id).all()
+    assert (variants.qa_id.str.rsplit("-", n=1).str[0] == variants.paraphrase_of).all()
+    pairs = variants.merge(base, left_on="paraphrase_of", right_on="qa_id")
+    assert (pairs.answer_x == pairs.answer_y).all() and len(pairs) == len(variants)
 
 
 def test_batch_backend_round_trip(small, catalog, tmp_path):
