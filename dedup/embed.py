@@ -15,8 +15,9 @@ A cache must never be the reason a build fails or goes wrong:
   are removed when a cache is first read; younger ones may be a live writer's and are left alone.
 
 Two backends run the same model (`DedupConfig.backend`, `encoder_for`): `torch` (sentence-transformers) and
-`onnx` (the model exported once per machine to ONNX and run by ONNX Runtime, same vectors to ~1e-6, faster
-on the CPU). Each encoder's `model_id` names its backend, so a cache never hands one backend's vectors to the
+`onnx` (the model exported once per machine to ONNX and run by ONNX Runtime, same vectors to ~1e-6, 1.3-1.4x
+faster on 2 CPU cores; opt-in, with the extra `kvqa[onnx]`: benchmarks/README.md says why it is not the
+default). Each encoder's `model_id` names its backend, so a cache never hands one backend's vectors to the
 other. sentence-transformers' own `backend="onnx"` needs optimum-onnx, whose releases pin transformers < 4.58
 while sentence-transformers 6.2 needs transformers >= 5: it cannot be installed beside it, hence our export.
 """

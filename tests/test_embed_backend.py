@@ -1,8 +1,12 @@
 """The ONNX backend of the embedding model: the same dedup decisions as torch, on the calibration pairs and on
-real rows; its own cache keys; an export made once per folder, published whole, made again when damaged."""
+real rows; its own cache keys; an export made once per folder, published whole, made again when damaged; a
+config naming it refused in one line where its optional extra is not installed.
+
+The tests that run the backend need the extra `kvqa[onnx]` (installed by `make`) and skip without it."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -17,11 +21,17 @@ import pytest
 from test_dedup import plant_paraphrases, real_qa  # noqa: F401  (a fixture, used by name)
 
 import dedup.embed
+import kvqa.config
 from dedup import (EmbeddingCache, OnnxEncoder, SentenceTransformerEncoder, calibration_pairs, cross_split_leakage,
                    deduplicate, embed_texts, encoder_for, evaluate_threshold, question_vectors)
 from dedup.calibration import pair_similarities
 from dedup.embed import STALE_TEMP_AGE_S, publish_folder_once
-from kvqa.config import DedupConfig
+from kvqa.config import ONNX_BACKEND_MODULES, DedupConfig, load_config
+from kvqa.errors import ConfigError
+
+ONNX_INSTALLED = all(importlib.util.find_spec(m) is not None for m in ONNX_BACKEND_MODULES)
+needs_onnx = pytest.mark.skipif(not ONNX_INSTALLED, reason="dedup.backend onnx needs the optional extra "
+                                "kvqa[onnx] (onnx, onnxruntime), not installed here: pip install -e '.[onnx]'")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +41,8 @@ def torch_encoder():
 
 @pytest.fixture(scope="module")
 def onnx_encoder(tmp_path_factory):
+    if not ONNX_INSTALLED:
+        pytest.skip(needs_onnx.kwargs["reason"])
     encoder = OnnxEncoder(export_root=tmp_path_factory.mktemp("models"))
     encoder.load()  # the export: once for the module
     assert encoder.exported
@@ -84,6 +96,7 @@ def test_backends_never_share_cached_vectors(torch_encoder, onnx_encoder, tmp_pa
     assert torch_encoder.model_id != onnx_encoder.model_id and "onnx" in onnx_encoder.model_id
 
 
+@needs_onnx
 def test_config_picks_the_backend():
     assert isinstance(encoder_for(DedupConfig()), SentenceTransformerEncoder)
     assert isinstance(encoder_for(DedupConfig(backend="onnx")), OnnxEncoder)
@@ -111,6 +124,20 @@ def test_damaged_export_is_moved_aside_and_made_again(onnx_encoder, torch_encode
     assert encoder.exported and "cannot be loaded" in caplog.text
     np.testing.assert_allclose(vectors, torch_encoder.encode(["is there a polyp"]), atol=1e-5)
     assert len(list(root.glob(".*.broken-*.tmp"))) == 1  # kept aside until stale, then removed
+
+
+def test_config_without_the_extra_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Where onnxruntime is not installed, a config naming backend onnx stops the run before it starts
+    (ConfigError: exit 2, one line), not half way through with a ModuleNotFoundError."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(kvqa.config.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    config = tmp_path / "config.yaml"
+    config.write_text("dedup:\n  backend: onnx\n")
+    with pytest.raises(ConfigError, match=r"dedup.backend onnx needs onnxruntime: .*kvqa\[onnx\]") as err:
+        load_config(config)
+    assert "\n" not in str(err.value)
+    assert DedupConfig(backend="torch").backend == "torch"  # torch needs nothing more
 
 
 def _build_slowly(folder: Path) -> None:
