@@ -214,9 +214,13 @@ class GroundingChecker:
                    and f.values[0].isdigit() and int(f.values[0]) > 0
                    for n in self.catalog.classes[f.question_class].noun or []}
         stated = {v for f in facts for v in f.values} | set(supported) | counted
+        affirmative = " | ".join(c for c in clauses(masked) if not NEGATION.search(c))
         for name, qc in self.catalog.classes.items():
             if name in cited or qc.answer_type not in NAMED_VALUES:
                 continue
+            if not any(p.search(affirmative) for v, p in self.rules[name].values.items()
+                       if v != "none" and v not in stated):
+                continue  # no candidate at all: skip the full per-clause check (most classes, most rows)
             topics = [t for t in (self._topic(name, f.question_class) for f in facts) if t is not None]
             problem = self._check_values(qc, self.rules[name], [], masked, stated, topics)
             if problem:

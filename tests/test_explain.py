@@ -274,3 +274,43 @@ def test_validator_accepts_the_reference_and_reports_each_planted_fault_on_its_l
     assert latin.exit_code == 2 and "latin1.jsonl:2: not UTF-8" in latin.output
     no_set = runner.invoke(app, ["validate-task2", str(bad), "--val-set", str(tmp_path)])
     assert no_set.exit_code == 2 and "not a saved validation subset" in no_set.output
+
+
+def test_llm_explainer_shares_the_cache_repairs_and_quarantine(sample_run, catalog, phrasings, tmp_path, monkeypatch):
+    """The `openai` explainer against the loopback stand-in: grounded replies kept, a contradicting one and a
+    refusal quarantined with their reasons, a malformed one repaired once; the re-run sends nothing."""
+    from explain import make_explainer
+    from kvqa.config import LLMConfig
+    from openai_standin import OpenAIStandIn
+
+    qa, plans, facts = _stages(sample_run, "qa_dedup", "plans", "facts")
+    rows = qa[qa.source == "kvasir-vqa"].head(40)  # the stand-in parses Kvasir-VQA answers back
+    faults = {rows.iloc[0].question + "\nAnswer: " + rows.iloc[0].answer: "contradict",
+              rows.iloc[1].question + "\nAnswer: " + rows.iloc[1].answer: "refusal",
+              rows.iloc[2].question + "\nAnswer: " + rows.iloc[2].answer: "invalid_json"}
+
+    def chooser(messages, attempt):
+        head = messages[1]["content"].split("\n\n", 1)[0].removeprefix("Question: ")
+        fault = faults.get(head)
+        return None if fault == "invalid_json" and len(messages) > 2 else fault  # the repair turn is answered
+
+    monkeypatch.setenv("KVQA_TEST_KEY", "sk-test")
+    checker = GroundingChecker(catalog)
+    with OpenAIStandIn(chooser=chooser) as standin:
+        llm = LLMConfig(base_url=standin.url, cache_dir=tmp_path / "cache", concurrency=4, timeout_s=5,
+                        max_retries=1, backoff_base_s=0.01, api_key_env="KVQA_TEST_KEY")
+        backend = make_explainer("openai", llm, catalog, phrasings, 42)
+        table, rejected = explain_rows(rows, plans, facts, backend, checker, phrasings)
+        sent = standin.requests
+        again, rejected_again = explain_rows(rows, plans, facts, make_explainer("openai", llm, catalog, phrasings, 42),
+                                             checker, phrasings)
+        assert standin.requests == sent  # every reply came from the request cache
+    assert len(table) + len(rejected) == len(rows) and table.equals(again) and rejected.equals(rejected_again)
+    reasons = dict(zip(rejected.key, rejected.reason))
+    assert reasons == {rows.iloc[0].qa_id: "explanation_contradicts_labels", rows.iloc[1].qa_id: "refusal"}, \
+        rejected[["key", "reason", "detail", "raw"]].to_string()
+    assert rows.iloc[2].qa_id in set(table.qa_id) and backend.usage["explain"]["repairs"] == 1
+    assert set(table.explainer) == {"openai:Qwen/Qwen3-8B"} and all(h for h in table.explanation_prompt_hash)
+    assert table.explainer_version.str.startswith("explain-v1+").all()
+    items = {i.qa_id: i for i in explain_items(rows, plans, facts, phrasings, {})}
+    assert all(check_explanation(checker, r.explanation, items[r.qa_id]) is None for r in table.itertuples())
