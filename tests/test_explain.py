@@ -314,3 +314,34 @@ def test_llm_explainer_shares_the_cache_repairs_and_quarantine(sample_run, catal
     assert table.explainer_version.str.startswith("explain-v1+").all()
     items = {i.qa_id: i for i in explain_items(rows, plans, facts, phrasings, {})}
     assert all(check_explanation(checker, r.explanation, items[r.qa_id]) is None for r in table.itertuples())
+
+
+def test_kvasir_seg_masks_go_into_the_release_and_the_submissions_visuals(real_facts, catalog, phrasings, tmp_path):
+    """The real Kvasir-SEG frames: their masks are embedded in the `explanations` config and written to
+    `visuals/` by the reference submission, which the validator accepts (paths relative, files present)."""
+    from explain.medico import reference_lines, submission_problems
+    from generate import TemplateRealizer, compose_plans, realize_plans
+    from kvqa.config import PlanConfig, PublishConfig
+    from publish.release import write_explanation_release
+
+    facts, seg_src = real_facts
+    facts = facts[facts.source == "kvasir-seg"].reset_index(drop=True)
+    plans = compose_plans(facts, PlanConfig(), 42)
+    checker = GroundingChecker(catalog)
+    qa, _ = realize_plans(plans, facts, TemplateRealizer(catalog, 42), checker)
+    table, _ = explain_rows(qa, plans, facts, TemplateExplainer(catalog, phrasings, 42), checker, phrasings,
+                            mask_index({"kvasir-seg": seg_src.masks_dir}))
+    frames = sorted((SEG / "images").glob("*.jpg"))
+    images = pd.DataFrame({"source": "kvasir-seg", "img_id": [p.stem for p in frames], "path": list(map(str, frames)),
+                           "n_bytes": [p.stat().st_size for p in frames]})
+    splits = images[["source", "img_id"]].assign(split="test")
+    files = write_explanation_release(qa, splits, images, table, tmp_path / "release", PublishConfig())
+    assert sum(f["rows"] for f in files["test"]) == len(qa)
+    masked = table[table.segmentation_mask != ""]
+    out = tmp_path / "submission"
+    lines = reference_lines(tmp_path / "release", list(masked.qa_id), out)
+    for line, mask in zip(lines, masked.segmentation_mask):
+        shown = [v for v in line["visual_explanation"] if v["type"] == "segmentation_mask"]
+        assert len(shown) == 1 and (out / shown[0]["data"]).read_bytes() == Path(mask).read_bytes()
+    (out / "submission_task2.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert submission_problems(out / "submission_task2.jsonl", None) == []
