@@ -67,7 +67,8 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("generate"),
            "generate": cfg.generate.model_dump(mode="json", exclude={"max_rejected_share"}),  # a check, not output
            "seed": cfg.seed, "catalog": catalog.digest,
-           "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))},
+           "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))
+                       if p.name != "explain.yaml"},  # the explain stage's prompt, keyed there
            "inputs": digests(run_dir, "stages/facts.parquet", "stages/plans.parquet")}
 
     def build():

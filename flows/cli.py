@@ -67,6 +67,10 @@ def _checked_config(config: Optional[Path], output_root: Optional[Path], inputs:
     catalog = _load_catalog(cfg.catalog)
     if inputs:
         _read_labels(cfg, catalog)
+    if cfg.explain.enabled:
+        from explain import load_phrasings
+
+        load_phrasings(cfg.explain.phrasings, catalog)  # ConfigError naming the file, before Prefect starts
     from augment import CatalogError, load_artifact_catalog  # last: importing it takes seconds (torch)
 
     try:

@@ -345,3 +345,28 @@ def test_kvasir_seg_masks_go_into_the_release_and_the_submissions_visuals(real_f
         assert len(shown) == 1 and (out / shown[0]["data"]).read_bytes() == Path(mask).read_bytes()
     (out / "submission_task2.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert submission_problems(out / "submission_task2.jsonl", None) == []
+
+
+def test_bad_explanation_phrasings_are_one_line_errors_before_the_run(tmp_path):
+    """An explanation phrasings file naming an unknown class, or not YAML, stops `kvqa build` up front (exit 2)."""
+    import yaml
+
+    from flows.cli import app
+    from kvqa.config import SAMPLE_CONFIG_PATH
+
+    config = yaml.safe_load(SAMPLE_CONFIG_PATH.read_text())
+    for src in config["sources"]:
+        for key in ("metadata_csv", "image_dir", "labels_csv", "folders_json", "boxes_json"):
+            if key in src:
+                src[key] = str((SAMPLE_CONFIG_PATH.parent / src[key]).resolve())
+    bad = yaml.safe_load(ExplainConfig().phrasings.read_text())
+    bad["support"]["polyp_count"].append("polyp_shape")
+    for name, text, words in [("unknown.yaml", yaml.safe_dump(bad), "classes not in the catalog: ['polyp_shape']"),
+                              ("broken.yaml", "clauses: [", "explanation phrasings")]:
+        (tmp_path / name).write_text(text)
+        cfg = tmp_path / f"c-{name}"
+        cfg.write_text(yaml.safe_dump({**config, "output_root": str(tmp_path / "runs"),
+                                       "explain": {"phrasings": str(tmp_path / name)}}))
+        result = CliRunner().invoke(app, ["build", "--config", str(cfg)])
+        assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "runs").exists()
