@@ -216,6 +216,11 @@ def summarise(report: dict) -> str:
                      f"({len(a['artifacts'])} artifacts), release rows "
                      + ", ".join(f"{k} {v:,}" for k, v in report["release"]["augmented_rows"].items())
                      + f"; contact sheet {report['run_dir']}/{a['contact_sheet']}")
+    e = report.get("explain", {})
+    if e.get("enabled"):
+        lines.append(f"  explanations: {e['explained']:,} rows ({e['with_boxes']:,} with source boxes, {e['with_masks']:,} "
+                     f"with masks, {e['rejected']:,} rejected); release config `explanations` rows "
+                     + ", ".join(f"{k} {v:,}" for k, v in report["release"].get("explanation_rows", {}).items()))
     if report["quarantine"]["total"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v:,}" for k, v in
                                                     report["quarantine"]["by_stage_reason"].items())
