@@ -2,7 +2,9 @@
 
 Two configs: `default` (`data/`, the QA pairs on the original images) and `augmented` (`augmented/`, the
 same pairs on each augmented variant of their image, with the `variant` and `artifact` columns), loadable
-as `load_dataset(folder)` and `load_dataset(folder, "augmented")`.
+as `load_dataset(folder)` and `load_dataset(folder, "augmented")`; and, when the explain stage ran, a third,
+`explanations` (`explanations/`, `write_explanation_release`): the default config's explained rows with their
+explanation, source boxes in Medico subtask 2's shape and Kvasir-SEG mask.
 
 `datasets` does not embed image files by itself when given paths, so the writer puts each image's bytes
 into the `image` struct ({bytes, path}) and stores the `datasets` features in the parquet schema metadata;
