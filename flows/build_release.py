@@ -30,16 +30,18 @@ from generate.quality import empty_release_problem, rejection_problem
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
 from kvqa.errors import RunRejected
-from kvqa.tables import file_digest, read_table, write_json, write_table, write_text
+from kvqa.tables import file_digest, quarantine_frame, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
 from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
 from publish.split import usable_images
 from publish.swift import write_swift_jsonl
+from explain import EXPLANATION_COLUMNS, explain_rows, load_phrasings, make_explainer, mask_index
+from publish.release import write_explanation_release
 
 log = logging.getLogger("kvqa")
 QUARANTINE_FILES = ["stages/quarantine_sources.parquet", "stages/quarantine_generate.parquet",
                     "stages/quarantine_images.parquet", "stages/quarantine_augment.parquet",
-                    "stages/quarantine_publish.parquet"]
+                    "stages/quarantine_publish.parquet", "stages/quarantine_explain.parquet"]
 
 
 @task(cache_policy=NONE)
@@ -65,7 +67,8 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("generate"),
            "generate": cfg.generate.model_dump(mode="json", exclude={"max_rejected_share"}),  # a check, not output
            "seed": cfg.seed, "catalog": catalog.digest,
-           "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))},
+           "prompts": {p.name: file_digest(p) for p in sorted(PROMPTS_DIR.glob("*.yaml"))
+                       if p.name != "explain.yaml"},  # the explain stage's prompt, keyed there
            "inputs": digests(run_dir, "stages/facts.parquet", "stages/plans.parquet")}
 
     def build():
@@ -187,11 +190,68 @@ def write_hub_release(cfg: Config, run_dir: Path) -> dict:
 
 
 @task(cache_policy=NONE)
+def explain_pairs(cfg: Config, run_dir: Path) -> dict:
+    """A grounded explanation and the source boxes per kept QA row (see `explain.explain`)."""
+    catalog = load_catalog(cfg.catalog)
+    ex = cfg.explain
+    mask_dirs = {s.name: s.masks_dir for s in cfg.sources if getattr(s, "masks_dir", None)}
+    key = {"code": code_version("explain"), "explain": ex.model_dump(mode="json", exclude={"phrasings"}),
+           "seed": cfg.seed, "catalog": catalog.digest, "phrasings": file_digest(ex.phrasings),
+           "prompt": file_digest(PROMPTS_DIR / "explain.yaml"), "mask_dirs": {k: str(v) for k, v in mask_dirs.items()},
+           "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/plans.parquet", "stages/facts.parquet")}
+
+    def build():
+        qa = read_table(run_dir / "stages/qa_dedup.parquet")
+        table, rejected = pd.DataFrame(columns=EXPLANATION_COLUMNS), quarantine_frame([])
+        usage = {}
+        if ex.enabled:
+            phrasings = load_phrasings(ex.phrasings, catalog)
+            backend = make_explainer(ex.backend, ex.llm, catalog, phrasings, cfg.seed,
+                                     cache_dir=cfg.output_root / "llm-cache", batch_dir=run_dir / "batch")
+            table, rejected = explain_rows(qa, read_table(run_dir / "stages/plans.parquet"),
+                                           read_table(run_dir / "stages/facts.parquet"), backend,
+                                           GroundingChecker(catalog), phrasings, mask_index(mask_dirs))
+            usage = getattr(backend, "usage", {})
+            reconcile("QA rows explained", len(qa), len(table), len(rejected))
+        write_table(table, run_dir / "stages/explanations.parquet")
+        write_table(rejected, run_dir / "stages/quarantine_explain.parquet")
+        return ({"enabled": ex.enabled, "rows": len(qa), "explained": len(table), "rejected": len(rejected),
+                 "with_boxes": int(table["visual_explanation"].map(len).gt(0).sum()),
+                 "with_masks": int(table["segmentation_mask"].astype(bool).sum()),
+                 "by_reason": by_reason(rejected), "llm_usage": usage},
+                ["stages/explanations.parquet", "stages/quarantine_explain.parquet"])
+
+    return cached_stage(run_dir, "explain", key, build)
+
+
+@task(cache_policy=NONE)
+def write_explanations_config(cfg: Config, run_dir: Path) -> dict:
+    """The release's `explanations` config (its own stage: an explanation change rewrites only these shards)."""
+    upstream = ["stages/explanations.parquet", "stages/qa_dedup.parquet", "stages/splits.parquet",
+                "stages/images.parquet"]
+    masks = sorted(p for p in read_table(run_dir / upstream[0])["segmentation_mask"].unique() if p)
+    key = {"code": code_version("publish"),
+           "publish": cfg.publish.model_dump(mode="json", include={"max_shard_bytes", "row_group_rows"}),
+           "inputs": digests(run_dir, *upstream), "masks": {p: file_digest(Path(p)) for p in masks}}
+
+    def build():
+        explanations, qa, splits, images = (read_table(run_dir / f) for f in upstream)
+        release_dir = run_dir / "release"
+        files = write_explanation_release(qa, splits, images, explanations, release_dir, cfg.publish)
+        if not files:
+            shutil.rmtree(release_dir / "explanations", ignore_errors=True)
+        return ({"rows": {s: sum(f["rows"] for f in fs) for s, fs in files.items()}, "files": files},
+                [f"release/{f['file']}" for fs in files.values() for f in fs])
+
+    return cached_stage(run_dir, "release_explanations", key, build)
+
+
+@task(cache_policy=NONE)
 def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: str, dedup_figures: dict,
                        leakage: dict) -> dict:
     """`release/README.md`, computed from the written shards (see `publish.card`)."""
-    shards = [f"release/{f['file']}" for key in ("files", "augmented_files")
-              for fs in release[key].values() for f in fs]
+    shards = [f"release/{f['file']}" for key in ("files", "augmented_files", "explanation_files")
+              for fs in release.get(key, {}).values() for f in fs]
     catalog = load_catalog(cfg.catalog)
     key = {"code": code_version("publish", "augment"),
            "publish": cfg.publish.model_dump(mode="json", include={"pretty_name", "license"}),
@@ -209,7 +269,8 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
             generator=", ".join(sorted(qa["generator"].unique())) + f"; catalog {catalog.template_version}",
             config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
             augmented_files=release["augmented_files"],
-            augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base))
+            augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base),
+            explanation_files=release.get("explanation_files"))
         write_text(card, run_dir / "release/README.md")
         return {"counts": counts}, ["release/README.md"]
 
@@ -261,6 +322,10 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         report["leakage"] = leakage_report(cfg, run_dir)
         release = write_hub_release(cfg, run_dir)
         report["release"] = {k: v for k, v in release.items() if k not in ("files", "augmented_files")}
+        report["explain"] = explain_pairs(cfg, run_dir)
+        explained = write_explanations_config(cfg, run_dir)
+        release["explanation_files"] = explained["files"]
+        report["release"]["explanation_rows"] = explained["rows"]
         report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"])
         report["export"] = export_swift(cfg, run_dir)
         quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)

@@ -67,6 +67,10 @@ def _checked_config(config: Optional[Path], output_root: Optional[Path], inputs:
     catalog = _load_catalog(cfg.catalog)
     if inputs:
         _read_labels(cfg, catalog)
+    if cfg.explain.enabled:
+        from explain import load_phrasings
+
+        load_phrasings(cfg.explain.phrasings, catalog)  # ConfigError naming the file, before Prefect starts
     from augment import CatalogError, load_artifact_catalog  # last: importing it takes seconds (torch)
 
     try:
@@ -212,6 +216,11 @@ def summarise(report: dict) -> str:
                      f"({len(a['artifacts'])} artifacts), release rows "
                      + ", ".join(f"{k} {v:,}" for k, v in report["release"]["augmented_rows"].items())
                      + f"; contact sheet {report['run_dir']}/{a['contact_sheet']}")
+    e = report.get("explain", {})
+    if e.get("enabled"):
+        lines.append(f"  explanations: {e['explained']:,} rows ({e['with_boxes']:,} with source boxes, {e['with_masks']:,} "
+                     f"with masks, {e['rejected']:,} rejected); release config `explanations` rows "
+                     + ", ".join(f"{k} {v:,}" for k, v in report["release"].get("explanation_rows", {}).items()))
     if report["quarantine"]["total"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v:,}" for k, v in
                                                     report["quarantine"]["by_stage_reason"].items())
@@ -282,6 +291,52 @@ def publish(repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME of the 
         except MissingTokenError as err:
             raise BadInput(str(err)) from err
     typer.echo(f"published {release} to {repo_id}: {url}")
+
+
+export_app = typer.Typer(no_args_is_help=True, help="Write a built run's files for downstream tools.")
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("medico-task2")
+def export_medico_task2(run: str = typer.Option(..., "--run", help="run name (under --output-root) or run folder"),
+                        output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")
+                        ) -> None:
+    """Medico 2026 subtask 2: the validation subset as the task page builds it, on this run's release, and a
+    reference submission (submission_task2.jsonl + visuals/) from the labels."""
+    _logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with reported_errors():
+        from flows.add_class import resolve_run
+        from flows.medico_task2 import export_medico_task2 as export
+
+        run_dir = resolve_run(run, str(output_root) if output_root else None)
+        with run_lock(run_dir, "kvqa export medico-task2"):
+            summary = export(run_dir)
+    typer.echo(f"run {run_dir.name}: {summary['val_rows']:,} validation rows ({summary['with_boxes']:,} with boxes, "
+               f"{summary['with_masks']:,} with masks) in {run_dir / summary['folder']}: "
+               f"{run_dir / summary['val_set']}, {run_dir / summary['submission']}")
+
+
+@app.command("validate-task2")
+def validate_task2(file: Path = typer.Argument(..., help="submission_task2.jsonl"),
+                   val_set: Optional[Path] = typer.Option(
+                       None, "--val-set", help="saved validation subset (default: val_set_task2/ beside FILE)")) -> None:
+    """Check a Medico subtask-2 submission against the task page's field rules: one line per problem,
+    `file:line: what`, exit 1 on any."""
+    with reported_errors():
+        from explain.medico import VAL_SET_NAME, load_val_set, submission_problems
+
+        folder = val_set or (file.parent / VAL_SET_NAME)
+        rows = load_val_set(folder) if (val_set or folder.is_dir()) else None
+        problems = submission_problems(file, rows)
+    for line in problems:
+        typer.echo(line)
+    if problems:
+        typer.echo(f"{file}: {len(problems)} problem(s)", err=True)
+        raise typer.Exit(EXIT_REJECTED)
+    against = f"the {len(rows):,}-row validation set {folder}" if rows is not None else \
+        "the field rules only (no validation set: img_id/question not matched)"
+    typer.echo(f"{file}: valid against {against}")
 
 
 @app.command("make-sample")

@@ -172,9 +172,11 @@ class GroundingChecker:
         return None
 
     def check(self, question: str, answer: str, facts: Sequence[PlanFact]) -> Violation | None:
-        violation = self.check_question(question, facts)
-        if violation:
-            return violation
+        return self.check_question(question, facts) or self.check_statement(answer, facts)
+
+    def check_statement(self, answer: str, facts: Sequence[PlanFact]) -> Violation | None:
+        """The answer half of `check`: the text states every fact's value and no value contradicting one
+        (also what an explanation must do for the facts it cites; see `unsupported_value`)."""
         a = normalise(answer)
         mentions = [self._value_mentions(f, a) for f in facts]
         for k, fact in enumerate(facts):
@@ -187,6 +189,42 @@ class GroundingChecker:
             problem = self._check_answer(qc, list(fact.values), text, other_values, topics)
             if problem:
                 return Violation("answer_contradicts_labels", f"{qc.name}={list(fact.values)}: {problem}")
+        return None
+
+    def unsupported_value(self, text: str, facts: Sequence[PlanFact], supported: frozenset[str] = frozenset()
+                          ) -> Violation | None:
+        """A value of a class that none of `facts` is about, named in an affirmative clause of `text`
+        ("red" with no colour fact, "polyp" with no polyp fact): `check_statement` judges only the classes
+        of the facts given, so a text citing some facts of an image could still invent others. Values the
+        facts state (any class: "center" of an instrument location) and `supported` (e.g. the labels of the
+        source boxes shown with the text) are allowed; the cited facts' own mentions are masked first, and a
+        mention that belongs to a cited fact's topic ("all polyps have been removed") is not a statement."""
+        a = normalise(text)
+        spans = sorted(span for f in facts for span in self._value_mentions(f, a))
+        out, pos = [], 0
+        for s, e in spans:
+            if e <= pos:
+                continue
+            out += [a[pos:max(s, pos)], MASK]
+            pos = e
+        masked = "".join(out + [a[pos:]])
+        cited = {f.question_class for f in facts}
+        # a cited count above zero names its object: "one polyp is in view" needs no polyp-presence fact
+        counted = {n for f in facts if self.catalog.classes[f.question_class].answer_type == AnswerType.count
+                   and f.values[0].isdigit() and int(f.values[0]) > 0
+                   for n in self.catalog.classes[f.question_class].noun or []}
+        stated = {v for f in facts for v in f.values} | set(supported) | counted
+        affirmative = " | ".join(c for c in clauses(masked) if not NEGATION.search(c))
+        for name, qc in self.catalog.classes.items():
+            if name in cited or qc.answer_type not in NAMED_VALUES:
+                continue
+            if not any(p.search(affirmative) for v, p in self.rules[name].values.items()
+                       if v != "none" and v not in stated):
+                continue  # no candidate at all: skip the full per-clause check (most classes, most rows)
+            topics = [t for t in (self._topic(name, f.question_class) for f in facts) if t is not None]
+            problem = self._check_values(qc, self.rules[name], [], masked, stated, topics)
+            if problem:
+                return Violation("unsupported_value", f"{name}: {problem} and no fact of the image has it")
         return None
 
     def _topic(self, judged: str, other: str) -> _Topic | None:

@@ -39,7 +39,7 @@ from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Re
 from generate.grounding import GroundingChecker
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
-from kvqa.config import GenerateConfig
+from kvqa.config import GenerateConfig, LLMConfig
 from kvqa.tables import plain_boxes, quarantine_frame
 
 QA_COLUMNS = ["qa_id", "paraphrase_of", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
@@ -52,21 +52,30 @@ def make_backend(config: GenerateConfig, catalog: Catalog, seed: int, cache_dir:
     """The configured backend; LLM transports are imported only when chosen (vLLM is an extra)."""
     if config.backend == "template":
         return TemplateRealizer(catalog, seed)
-    from generate.llm import LLMClient, LLMRealizer
+    from generate.llm import LLMRealizer
+
+    return LLMRealizer(make_llm_client(config.backend, config.llm, seed, cache_dir, batch_dir),
+                       GroundingChecker(catalog))
+
+
+def make_llm_client(backend: str, llm: LLMConfig, seed: int, cache_dir: Path | None = None,
+                    batch_dir: Path | None = None):
+    """The request-cached LLM client over the chosen transport (`openai`, `batch`, `vllm`); shared by
+    generation and the explanation stage (`explain/`), so both get the same cache, repair and usage."""
+    from generate.llm import LLMClient
     from generate.llm_cache import RequestCache
 
-    llm = config.llm
-    if config.backend == "openai":
+    if backend == "openai":
         from generate.openai_backend import OpenAITransport
         transport = OpenAITransport(llm)
-    elif config.backend == "batch":
+    elif backend == "batch":
         from generate.batch_backend import BatchTransport
         transport = BatchTransport(llm, batch_dir or Path("."))
     else:
         from generate.vllm_backend import VLLMTransport
         transport = VLLMTransport(llm)
     cache = RequestCache(Path(llm.cache_dir or cache_dir or Path("llm-cache")))
-    return LLMRealizer(LLMClient(transport, cache, llm, seed), GroundingChecker(catalog))
+    return LLMClient(transport, cache, llm, seed)
 
 
 def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:

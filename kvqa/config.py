@@ -255,6 +255,15 @@ class PublishConfig(_Strict):
     row_group_rows: int = Field(default=1000, gt=0)
 
 
+class ExplainConfig(_Strict):
+    """Explanations (Medico 2026 subtask 2, `explain/`): a grounded textual explanation and the source boxes
+    per release row, published as the release's `explanations` config."""
+    enabled: bool = True
+    backend: Literal["template", "openai", "batch", "vllm"] = "template"
+    llm: LLMConfig = LLMConfig()  # same settings as generate.llm; `verify`/`naturalize_variants` are unused
+    phrasings: Path = PROJECT_ROOT / "prompts" / "explanations.yaml"  # template phrasings and support facts
+
+
 class Config(_Strict):
     run_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 42
@@ -267,6 +276,7 @@ class Config(_Strict):
     augment: AugmentConfig = AugmentConfig()
     split: SplitConfig = SplitConfig()
     publish: PublishConfig = PublishConfig()
+    explain: ExplainConfig = ExplainConfig()
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Config":
@@ -353,6 +363,15 @@ def load_config(path: Path | str | None = None, overrides: dict | None = None) -
         augment["catalog"] = _resolve(augment["catalog"], base)
     if isinstance(llm.get("batch_results"), list):
         llm["batch_results"] = [_resolve(p, base) for p in llm["batch_results"]]
+    explain = _section(data, "explain")
+    if explain.get("phrasings"):
+        explain["phrasings"] = _resolve(explain["phrasings"], base)
+    explain_llm = _section(explain, "llm")
+    for key in ("cache_dir", "batch_dir"):
+        if explain_llm.get(key):
+            explain_llm[key] = _resolve(explain_llm[key], base)
+    if isinstance(explain_llm.get("batch_results"), list):
+        explain_llm["batch_results"] = [_resolve(p, base) for p in explain_llm["batch_results"]]
     if "output_root" in data:
         data["output_root"] = _resolve(data["output_root"], base)
     else:

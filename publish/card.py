@@ -150,10 +150,23 @@ def card_counts(data: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
+def _explanations_section(rows: dict) -> list[str]:
+    if not rows:
+        return []
+    return ["## Explanations (Medico 2026 subtask 2)", "",
+            "Config `explanations` (`load_dataset(repo, \"explanations\")`): the rows of the default config that "
+            "have an explanation (" + ", ".join(f"{s} {n:,}" for s, n in rows.items()) + " rows), with the same "
+            "columns plus `explanation` (two to four sentences stating only facts of that image: the grounding "
+            "check applies to it as to answers), `visual_explanation` (the source boxes, never invented) and "
+            "`segmentation_mask`. It is a config of its own so that the default config keeps Kvasir-VQA-x1's "
+            "columns and rows whatever the explanation backend rejects.", ""]
+
+
 def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name: str, license: str,
                 sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
                 dedup: dict | None = None, augmented_files: dict[str, list[dict]] | None = None,
-                augment_recipe: tuple[str, ...] = ()) -> tuple[str, dict]:
+                augment_recipe: tuple[str, ...] = (),
+                explanation_files: dict[str, list[dict]] | None = None) -> tuple[str, dict]:
     """Return (README.md text, the counts it states).
 
     `config_yaml` is printed under "Configuration used" as given: pass `kvqa.config.public_config_yaml`'s
@@ -173,8 +186,13 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
                      "data_files": [{"split": s, "path": f"data/{s}-*"} for s in files]},
                     *([{"config_name": "augmented",
                         "data_files": [{"split": s, "path": f"augmented/{s}-*"} for s in augmented_files]}]
-                      if augmented_files else [])],
+                      if augmented_files else []),
+                    *([{"config_name": "explanations",
+                        "data_files": [{"split": s, "path": f"explanations/{s}-*"} for s in explanation_files]}]
+                      if explanation_files else [])],
     }
+    if explanation_files:
+        counts["explanations"] = {s: sum(f["rows"] for f in fs) for s, fs in explanation_files.items()}
     splits = counts["splits"]
     levels = sorted({lvl for s in splits.values() for lvl in s["complexity"]})
     classes = sorted({c for s in splits.values() for c in s["question_class"]},
@@ -212,6 +230,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         _table(["stage", "reason", "count"], q_counts.values.tolist()) if q_counts is not None else "None.", "",
         *_dedup_section(dedup or {}),
         *_augmented_section(counts.get("augmented", {}), list(augment_recipe)),
+        *_explanations_section(counts.get("explanations", {})),
         "## Columns", "",
         _table(["column", "meaning"], [
             ["img_id", "image id in its source"],
@@ -228,6 +247,16 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
                       "pixels of the image; a location cell is listed when the box covers >= 1/4 of the cell or "
                       "the cell holds >= 1/4 of the box); empty for rows without box facts"],
             ["variant, artifact", "`augmented` config only: the variant's index and its artifact's name"],
+            ["explanation, cited_classes", "`explanations` config only: 2-4 sentences justifying the answer from "
+                                           "the image's labelled facts (grounding-checked), and the classes of "
+                                           "the facts it states"],
+            ["visual_explanation", "`explanations` config only: the source boxes behind the cited facts in Medico "
+                                   "subtask 2's shape `{type: bounding_box, data: [[x1, y1, x2, y2]], "
+                                   "description}`; empty when the labels have no box"],
+            ["segmentation_mask", "`explanations` config only: the Kvasir-SEG mask of the image (rows citing "
+                                  "mask-derived facts), else null"],
+            ["explainer, explainer_version, explanation_prompt_hash", "`explanations` config only: backend, "
+                                                                       "phrasings/prompt version, prompt hash"],
         ]), "",
         "## Configuration used", "", "```yaml", config_yaml.strip(), "```", "",
         "## Citation", "", "```bibtex", CITATION, "```", "",

@@ -4,7 +4,7 @@ previous release.
 A publish must leave exactly the new release in the repo: a shard left over from an earlier release with
 more shards still matches the card's `data/{split}-*` globs, and `load_dataset` would load its rows too.
 So one `create_commit` holds an add for every file of the release and a delete for every remote file under
-the folders a release owns (`data/`, `augmented/`) that the new release does not have; files elsewhere
+the folders a release owns (`data/`, `augmented/`, `explanations/`) that the new release does not have; files elsewhere
 (`.gitattributes`, a hand-added LICENSE) are left alone. The commit names the revision the listing was
 taken from as its parent, so a repo changed in between fails the commit instead of keeping a stale shard.
 
@@ -27,8 +27,9 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-RELEASE_FILES = ("README.md", "data/*.parquet", "augmented/*.parquet")  # what a release folder publishes
-RELEASE_FOLDERS = ("data/", "augmented/")  # remote folders that hold only the current release
+RELEASE_FILES = ("README.md", "data/*.parquet", "augmented/*.parquet",  # what a release folder publishes
+                 "explanations/*.parquet")
+RELEASE_FOLDERS = ("data/", "augmented/", "explanations/")  # remote folders that hold only the current release
 
 
 class MissingTokenError(RuntimeError):

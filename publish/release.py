@@ -2,7 +2,9 @@
 
 Two configs: `default` (`data/`, the QA pairs on the original images) and `augmented` (`augmented/`, the
 same pairs on each augmented variant of their image, with the `variant` and `artifact` columns), loadable
-as `load_dataset(folder)` and `load_dataset(folder, "augmented")`.
+as `load_dataset(folder)` and `load_dataset(folder, "augmented")`; and, when the explain stage ran, a third,
+`explanations` (`explanations/`, `write_explanation_release`): the default config's explained rows with their
+explanation, source boxes in Medico subtask 2's shape and Kvasir-SEG mask.
 
 `datasets` does not embed image files by itself when given paths, so the writer puts each image's bytes
 into the `image` struct ({bytes, path}) and stores the `datasets` features in the parquet schema metadata;
@@ -56,6 +58,19 @@ RELEASE_FEATURES = Features({
 # Augmented variants are cropped, rotated and shifted: boxes in the original's pixels would not fit them.
 AUGMENTED_FEATURES = Features({**{k: v for k, v in RELEASE_FEATURES.items() if k != "boxes"},
                                "variant": Value("int32"), "artifact": Value("string")})
+# The `explanations` config (Medico 2026 subtask 2): the default config's rows that have a grounded
+# explanation (explain/), with the explanation, the source boxes in the subtask-2 shape and the Kvasir-SEG mask.
+VISUAL_FEATURE = {"type": Value("string"), "data": List(List(Value("int32"))), "description": Value("string")}
+EXPLANATION_FEATURES = Features({
+    **RELEASE_FEATURES,
+    "explanation": Value("string"),
+    "cited_classes": List(Value("string")),
+    "visual_explanation": List(VISUAL_FEATURE),
+    "segmentation_mask": Image(),
+    "explainer": Value("string"),
+    "explainer_version": Value("string"),
+    "explanation_prompt_hash": Value("string"),
+})
 SPLITS = ("train", "test")
 # Cap on a row group's distinct image bytes (its image dictionary page, read whole by every reader of the row
 # group): ~600 Kvasir images of ~100 kB, far above the ~40 images of a 1,000-row group at ~24 rows per image.
@@ -258,3 +273,24 @@ def write_augmented_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.D
         return {}
     rows = augmented_rows(release_rows(qa, splits, images), augmentations, run_dir)
     return write_config_shards(rows, out_dir, "augmented", AUGMENTED_FEATURES, config)
+
+
+def plain_visual(entries) -> list[dict]:
+    """visual_explanation entries as plain Python (parquet hands back numpy arrays of arrays)."""
+    return [{"type": str(e["type"]), "data": [[int(x) for x in box] for box in e["data"]],
+             "description": str(e["description"])} for e in entries]
+
+
+def write_explanation_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame,
+                              explanations: pd.DataFrame, out_dir: Path, config: PublishConfig) -> dict:
+    """The `explanations` config: every released row that has an explanation, with its image embedded, its
+    explanation columns and its Kvasir-SEG mask file's bytes ({} when nothing was explained)."""
+    if not len(explanations):
+        return {}
+    extra = explanations.drop(columns=["source", "img_id"])
+    rows = release_rows(qa, splits, images).merge(extra, on="qa_id", how="inner")
+    rows["visual_explanation"] = [plain_visual(v) for v in rows["visual_explanation"]]
+    masks = {p: Path(p).read_bytes() for p in set(rows["segmentation_mask"]) if p}
+    rows["segmentation_mask"] = [{"bytes": masks[p], "path": f"{i}-mask{Path(p).suffix.lower()}"} if p else None
+                                 for p, i in zip(rows["segmentation_mask"], rows["img_id"])]
+    return write_config_shards(rows, out_dir, "explanations", EXPLANATION_FEATURES, config)

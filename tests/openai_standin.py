@@ -159,6 +159,16 @@ class OpenAIStandIn:
             if fault == "missing":
                 reply.pop("answer")
             return json.dumps(reply)
+        if name == "explain":  # the pair's answer over every cited fact, then the prompt's region sentence
+            facts = self._facts(user)
+            if fault == "contradict":
+                f = facts[0]
+                facts[0] = PlanFact(f.fact_id, f.question_class, f.answer_type,
+                                    (FLIP.get(f.values[0], "yes"),) if f.answer_type == "yes_no"
+                                    else (str(int(f.values[0]) + 1),), f.source_question, f.source_answer)
+            res = self.realizer.realize_one(PlanInput("p", "s", "i", len(facts), tuple(facts)))
+            region = re.search(r'for example: "(.*)"', user).group(1)
+            return json.dumps({} if fault == "missing" else {"explanation": f"{res.answer} {region}"})
         if name == "verify":
             return json.dumps({"consistent": fault != "judge_no", "reason": "checked against the facts"})
         if name == "naturalize":

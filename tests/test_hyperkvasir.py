@@ -218,6 +218,13 @@ def test_build_from_hyperkvasir_labels_and_real_frames_loads(real, catalog, tmp_
     assert set(q[q.stage == "images"].reason) == {"missing_image"}
     card = (run / "release" / "README.md").read_text()
     assert "| hyper-kvasir | hyperkvasir | CC BY 4.0 |" in card and "| kvasir-seg | boxes | CC BY 4.0 |" in card
+    # The `explanations` config embeds the real Kvasir-SEG masks for the rows that cite their boxes.
+    ex = datasets.load_dataset(str(run / "release"), "explanations", cache_dir=str(tmp_path / "hf"))
+    ex = pd.concat([ex[sp].remove_columns("image").to_pandas() for sp in ex], ignore_index=True)
+    masked = ex[ex.segmentation_mask.notna()]
+    assert set(masked.source) == {"kvasir-seg"} and masked.img_id.nunique() == 5
+    assert all(m["bytes"] == (SEG / "masks" / f"{i}.jpg").read_bytes() for m, i in zip(masked.segmentation_mask,
+                                                                                        masked.img_id))
 
 
 BBPS_ENTRY = ROOT / "prompts" / "examples" / "bbps_score.yaml"

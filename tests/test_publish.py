@@ -23,7 +23,7 @@ def test_publish_uploads_the_release_and_never_prints_the_token(sample_run, tmp_
                        env={"HF_TOKEN": TOKEN, "HF_HUB_OFFLINE": "0"})
     assert hub.requests[0] == "/api/repos/create"
     assert hub.validated_headers and [c["config_name"] for c in hub.validated_headers[0]["configs"]] == \
-        ["default", "augmented"]
+        ["default", "augmented", "explanations"]
     repo = tree_digests(tmp_path / "hub" / "kvqa-org" / "kvqa-sample")
     assert repo.pop(".gitattributes") and repo == tree_digests(sample_run / "release")
     assert [c.summary for c in hub.commits("kvqa-org/kvqa-sample")] == ["initial commit", "kvqa release"]
