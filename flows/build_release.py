@@ -37,11 +37,20 @@ from publish.split import usable_images
 from publish.swift import write_swift_jsonl
 from explain import EXPLANATION_COLUMNS, explain_rows, load_phrasings, make_explainer, mask_index
 from publish.release import write_explanation_release
+from report import REPORT_INPUTS, write_quality_report
+from review import VERDICTS_FILE, error_rates, expert_rejected, load_verdicts
 
 log = logging.getLogger("kvqa")
 QUARANTINE_FILES = ["stages/quarantine_sources.parquet", "stages/quarantine_generate.parquet",
                     "stages/quarantine_images.parquet", "stages/quarantine_augment.parquet",
-                    "stages/quarantine_publish.parquet", "stages/quarantine_explain.parquet"]
+                    "stages/quarantine_publish.parquet", "stages/quarantine_explain.parquet",
+                    "stages/quarantine_review.parquet"]
+
+
+def verdict_inputs(run_dir: Path) -> dict[str, str]:
+    """The digest of the run's recorded expert verdicts (`kvqa review import`), for the keys of the stages
+    that leave `wrong` rows out: recording verdicts redoes exactly those."""
+    return digests(run_dir, VERDICTS_FILE) if (run_dir / VERDICTS_FILE).is_file() else {}
 
 
 @task(cache_policy=NONE)
@@ -165,26 +174,28 @@ def write_hub_release(cfg: Config, run_dir: Path) -> dict:
     card must not rewrite the shards."""
     upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
                 "stages/augmentations.parquet", "stages/quarantine_images.parquet"]
-    key = {"code": code_version("publish"),
+    key = {"code": code_version("publish", "review"),
            "publish": cfg.publish.model_dump(mode="json", include={"max_shard_bytes", "row_group_rows"}),
-           "inputs": digests(run_dir, *upstream)}
+           "inputs": {**digests(run_dir, *upstream), **verdict_inputs(run_dir)}}
 
     def build():
-        qa, splits, images, augmentations, bad_images = (read_table(run_dir / f) for f in upstream)
+        all_qa, splits, images, augmentations, bad_images = (read_table(run_dir / f) for f in upstream)
+        qa, expert = expert_rejected(all_qa, load_verdicts(run_dir))
         kept = release_rows(qa, splits, images)["qa_id"]
         rejected = unreleased_rows(qa, kept, bad_images)
-        reconcile("QA rows", len(qa), len(kept), len(rejected))
+        reconcile("QA rows", len(all_qa), len(kept), len(rejected) + len(expert))
         write_table(rejected, run_dir / "stages/quarantine_publish.parquet")
+        write_table(expert, run_dir / "stages/quarantine_review.parquet")
         release_dir = run_dir / "release"
         files = write_release(qa, splits, images, release_dir, cfg.publish)
         augmented = write_augmented_release(qa, splits, images, augmentations, run_dir, release_dir, cfg.publish)
         if not augmented:
             shutil.rmtree(release_dir / "augmented", ignore_errors=True)
-        outputs = ["stages/quarantine_publish.parquet",
+        outputs = ["stages/quarantine_publish.parquet", "stages/quarantine_review.parquet",
                    *[f"release/{f['file']}" for config in (files, augmented) for fs in config.values() for f in fs]]
         return {"rows": {s: sum(f["rows"] for f in fs) for s, fs in files.items()},
                 "augmented_rows": {s: sum(f["rows"] for f in fs) for s, fs in augmented.items()},
-                "dropped_for_images": len(rejected), "files": files, "augmented_files": augmented}, outputs
+                "dropped_for_images": len(rejected), "expert_rejected": len(expert), "files": files, "augmented_files": augmented}, outputs
 
     return cached_stage(run_dir, "release", key, build)
 
@@ -230,12 +241,14 @@ def write_explanations_config(cfg: Config, run_dir: Path) -> dict:
     upstream = ["stages/explanations.parquet", "stages/qa_dedup.parquet", "stages/splits.parquet",
                 "stages/images.parquet"]
     masks = sorted(p for p in read_table(run_dir / upstream[0])["segmentation_mask"].unique() if p)
-    key = {"code": code_version("publish"),
+    key = {"code": code_version("publish", "review"),
            "publish": cfg.publish.model_dump(mode="json", include={"max_shard_bytes", "row_group_rows"}),
-           "inputs": digests(run_dir, *upstream), "masks": {p: file_digest(Path(p)) for p in masks}}
+           "inputs": {**digests(run_dir, *upstream), **verdict_inputs(run_dir)},
+           "masks": {p: file_digest(Path(p)) for p in masks}}
 
     def build():
-        explanations, qa, splits, images = (read_table(run_dir / f) for f in upstream)
+        explanations, all_qa, splits, images = (read_table(run_dir / f) for f in upstream)
+        qa, _ = expert_rejected(all_qa, load_verdicts(run_dir))  # the rows judged wrong leave both configs
         release_dir = run_dir / "release"
         files = write_explanation_release(qa, splits, images, explanations, release_dir, cfg.publish)
         if not files:
@@ -248,7 +261,7 @@ def write_explanations_config(cfg: Config, run_dir: Path) -> dict:
 
 @task(cache_policy=NONE)
 def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: str, dedup_figures: dict,
-                       leakage: dict) -> dict:
+                       leakage: dict, review_rates: list[dict] | None = None) -> dict:
     """`release/README.md`, computed from the written shards (see `publish.card`)."""
     shards = [f"release/{f['file']}" for key in ("files", "augmented_files", "explanation_files")
               for fs in release.get(key, {}).values() for f in fs]
@@ -257,7 +270,7 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
            "publish": cfg.publish.model_dump(mode="json", include={"pretty_name", "license"}),
            "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
            "catalog": catalog.template_version, "augment_catalog": file_digest(cfg.augment.catalog),
-           "dedup": dedup_figures, "leakage": leakage, "inputs": digests(run_dir, *shards, *QUARANTINE_FILES,
+           "dedup": dedup_figures, "leakage": leakage, "review": review_rates or [], "inputs": digests(run_dir, *shards, *QUARANTINE_FILES,
                                                                          "stages/qa_dedup.parquet")}
 
     def build():
@@ -270,7 +283,7 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
             config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
             augmented_files=release["augmented_files"],
             augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base),
-            explanation_files=release.get("explanation_files"))
+            explanation_files=release.get("explanation_files"), review=review_rates)
         write_text(card, run_dir / "release/README.md")
         return {"counts": counts}, ["release/README.md"]
 
@@ -282,10 +295,12 @@ def export_swift(cfg: Config, run_dir: Path) -> dict:
     """ms-swift JSONL of both tracks in `export/swift/` (see `publish.swift`)."""
     upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
                 "stages/augmentations.parquet"]
-    key = {"code": code_version("publish"), "run_dir": str(run_dir), "inputs": digests(run_dir, *upstream)}
+    key = {"code": code_version("publish", "review"), "run_dir": str(run_dir),
+           "inputs": {**digests(run_dir, *upstream), **verdict_inputs(run_dir)}}
 
     def build():
         qa, splits, images, augmentations = (read_table(run_dir / f) for f in upstream)
+        qa, _ = expert_rejected(qa, load_verdicts(run_dir))
         out = run_dir / "export" / "swift"
         shutil.rmtree(out, ignore_errors=True)
         rows = release_rows(qa, splits, images)
@@ -295,6 +310,18 @@ def export_swift(cfg: Config, run_dir: Path) -> dict:
         return {"lines": lines}, [f"export/swift/{name}" for name in lines]
 
     return cached_stage(run_dir, "export", key, build)
+
+
+@task(cache_policy=NONE)
+def write_report(cfg: Config, run_dir: Path, report: dict, review_rates: list[dict]) -> dict:
+    """`report.html` and `report_files/` (see `report.page`): the last stage, from the run's tables."""
+    shards = sorted(str(p.relative_to(run_dir)) for p in (run_dir / "release").rglob("*.parquet"))
+    extra = [f for f in ("augment/contact-sheet.png",) if (run_dir / f).is_file()]
+    key = {"code": code_version("report"), "run_name": cfg.run_name, "dedup": report["dedup"],
+           "leakage": report["leakage"], "review": review_rates,
+           "inputs": digests(run_dir, *REPORT_INPUTS, *shards, *extra)}
+    return cached_stage(run_dir, "report", key, lambda: write_quality_report(
+        run_dir, cfg.run_name, report["dedup"], report["leakage"], review_rates))
 
 
 @flow(name="build_release", log_prints=True)
@@ -326,13 +353,18 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         explained = write_explanations_config(cfg, run_dir)
         release["explanation_files"] = explained["files"]
         report["release"]["explanation_rows"] = explained["rows"]
-        report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"])
+        review_rates = error_rates(load_verdicts(run_dir), read_table(run_dir / "stages/qa_dedup.parquet"))
+        report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"],
+                                            review_rates)
         report["export"] = export_swift(cfg, run_dir)
         quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
         write_table(quarantine, run_dir / "quarantine.parquet")
         report["quarantine"] = {"total": len(quarantine),
                                 "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
                                                     quarantine.groupby(["stage", "reason"]).size().items()}}
+        if review_rates:
+            report["review"] = review_rates
+        report["quality_report"] = write_report(cfg, run_dir, report, review_rates)
         write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
         if problem := empty_release_problem(report["release"]["rows"], report["quarantine"]["by_stage_reason"]):
             raise RunRejected(problem)

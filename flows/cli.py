@@ -221,6 +221,12 @@ def summarise(report: dict) -> str:
         lines.append(f"  explanations: {e['explained']:,} rows ({e['with_boxes']:,} with source boxes, {e['with_masks']:,} "
                      f"with masks, {e['rejected']:,} rejected); release config `explanations` rows "
                      + ", ".join(f"{k} {v:,}" for k, v in report["release"].get("explanation_rows", {}).items()))
+    if report.get("review"):
+        r = report["review"][0]
+        lines.append(f"  expert review: {r['reviewed']:,} rows judged, {r['wrong']:,} wrong (quarantined), error rate "
+                     f"{100 * (r['error_rate'] or 0):.1f} % (95 % interval {100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f} %)")
+    if report.get("quality_report"):
+        lines.append(f"  quality report: {report['run_dir']}/{report['quality_report']['page']}")
     if report["quarantine"]["total"]:
         lines.append("  quarantined: " + ", ".join(f"{k} {v:,}" for k, v in
                                                     report["quarantine"]["by_stage_reason"].items())
@@ -337,6 +343,45 @@ def validate_task2(file: Path = typer.Argument(..., help="submission_task2.jsonl
     against = f"the {len(rows):,}-row validation set {folder}" if rows is not None else \
         "the field rules only (no validation set: img_id/question not matched)"
     typer.echo(f"{file}: valid against {against}")
+review_app = typer.Typer(no_args_is_help=True, help="Expert review: export a review sheet, import the verdicts.")
+app.add_typer(review_app, name="review")
+RUN_HELP = "run name (under --output-root) or run folder"
+
+
+@review_app.command("export")
+def review_export(run: str = typer.Option(..., "--run", help=RUN_HELP),
+                  n: int = typer.Option(..., "--n", min=1, help="rows to sample"),
+                  seed: int = typer.Option(0, "--seed", help="sampling seed (same seed, same sheet)"),
+                  output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
+    """Write a review sheet (HTML, CSV, Label Studio JSON) of N release rows, stratified by class x complexity."""
+    _logging()
+    from flows.expert_review import export_review
+
+    with reported_errors():
+        out = export_review(run, n, seed, str(output_root) if output_root else None)
+    typer.echo(f"review sheet of {out['rows']:,} rows ({out['strata']} class x complexity strata) in {out['folder']}: "
+               "open sheet.html, fill verdict (ok/wrong/unclear) and comment in sheet.csv, then "
+               f"`kvqa review import --run {run} {out['folder']}/sheet.csv`")
+
+
+@review_app.command("import")
+def review_import(sheet: Path = typer.Argument(..., help="the filled sheet.csv"),
+                  run: str = typer.Option(..., "--run", help=RUN_HELP),
+                  output_root: Optional[Path] = typer.Option(None, help="folder for run folders (default: ./runs)")) -> None:
+    """Record a filled review sheet's verdicts and rebuild the release without the rows judged wrong."""
+    supervise()
+    _logging()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from flows.expert_review import check_import, import_review
+
+    with reported_errors():  # a bad sheet is BadInput: `file:line: what` lines, exit 2, nothing applied
+        run_dir, _, _ = check_import(str(sheet), run, str(output_root) if output_root else None)
+        with run_lock(run_dir, "kvqa review import"):
+            done = import_review(str(sheet), run, str(output_root) if output_root else None)
+    v = done["verdicts"]
+    typer.echo(f"review of run {done['run']}: {v['ok']:,} ok, {v['wrong']:,} wrong, {v['unclear']:,} unclear recorded; "
+               f"release rows {done['release_rows_before']:,} -> {done['release_rows_after']:,} (other rows unchanged)\n"
+               + summarise(done["report"]))
 
 
 @app.command("make-sample")

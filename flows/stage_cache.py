@@ -27,7 +27,7 @@ log = logging.getLogger("kvqa")
 
 # Top-level packages whose code can decide a stage's output. `flows` is not one of them: it only
 # orchestrates (a stage never imports it), so editing the CLI or a flow's wiring redoes nothing.
-STAGE_PACKAGES = ("kvqa", "sources", "generate", "dedup", "augment", "publish", "explain")
+STAGE_PACKAGES = ("kvqa", "sources", "generate", "dedup", "augment", "publish", "explain", "review", "report")
 
 
 @lru_cache(maxsize=None)

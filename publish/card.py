@@ -110,6 +110,20 @@ def _near_duplicate_images(d: dict) -> list[str]:
     return lines
 
 
+def _review_section(rates: list[dict] | None) -> list[str]:
+    """The expert review's sampled error rate per class (`review.error_rates`), when verdicts were recorded."""
+    if not rates:
+        return []
+    return ["## Expert review", "",
+            "A sample stratified by question class and complexity was judged by a reviewer (`kvqa review`). Error "
+            "rate = rows judged wrong / rows judged ok or wrong (unclear not counted), with its 95 % Wilson score "
+            "interval. Rows judged wrong are not in this release (quarantined as `review/expert_rejected`).", "",
+            _table(["question_class", "reviewed", "ok", "wrong", "unclear", "error rate", "95 % interval"],
+                   [[r["question_class"], r["reviewed"], r["ok"], r["wrong"], r["unclear"],
+                     "-" if r["error_rate"] is None else f"{100 * r['error_rate']:.1f} %",
+                     f"{100 * r['ci_low']:.1f} - {100 * r['ci_high']:.1f} %"] for r in rates]), ""]
+
+
 def augmented_counts(release_dir: Path, files: dict[str, list[dict]]) -> dict:
     """Rows, images and rows per artifact of the `augmented` config, read back from its shards."""
     out = {}
@@ -166,7 +180,8 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
                 sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
                 dedup: dict | None = None, augmented_files: dict[str, list[dict]] | None = None,
                 augment_recipe: tuple[str, ...] = (),
-                explanation_files: dict[str, list[dict]] | None = None) -> tuple[str, dict]:
+                explanation_files: dict[str, list[dict]] | None = None,
+                review: list[dict] | None = None) -> tuple[str, dict]:
     """Return (README.md text, the counts it states).
 
     `config_yaml` is printed under "Configuration used" as given: pass `kvqa.config.public_config_yaml`'s
@@ -231,6 +246,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         *_dedup_section(dedup or {}),
         *_augmented_section(counts.get("augmented", {}), list(augment_recipe)),
         *_explanations_section(counts.get("explanations", {})),
+        *_review_section(review),
         "## Columns", "",
         _table(["column", "meaning"], [
             ["img_id", "image id in its source"],

@@ -147,3 +147,17 @@ def sample_run(tmp_path_factory) -> Path:
     proc = run_cli("build", "--output-root", str(root))
     assert "release written" in proc.stderr
     return root / "sample"
+
+
+@pytest.fixture(scope="session")
+def capped_run(tmp_path_factory) -> Path:
+    """A build of the sample's Kvasir-VQA part whose dedup caps repeated phrasings (so rows are removed
+    by dedup) and that has quarantined rows; no augmented track. Tests may add review files to it."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("capped-build")
+    cfg = write_config(tmp / "c.yaml", SAMPLE_DIR / "metadata.csv", SAMPLE_DIR / "images", run_name="capped",
+                       dedup={"max_repeats": 2}, augment={"enabled": False})
+    assert yaml.safe_load(cfg.read_text())["dedup"]["max_repeats"] == 2
+    run_cli("build", "--config", str(cfg))
+    return tmp / "runs" / "capped"

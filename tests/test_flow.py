@@ -79,7 +79,7 @@ def test_two_runs_are_byte_identical_and_rerun_is_cached(sample_run, tmp_path):
     _same_run(other / "sample", sample_run)
     again = run_cli("build", "--output-root", str(other))
     markers = list((other / "sample" / "stages").glob("*.done.json"))
-    assert again.stderr.count(" cached (key ") == len(markers) == 13 and " done: " not in again.stderr
+    assert again.stderr.count(" cached (key ") == len(markers) == 14 and " done: " not in again.stderr
     _same_run(other / "sample", sample_run)
 
 
