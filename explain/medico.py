@@ -27,7 +27,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import pandas as pd
 import pyarrow.parquet as pq
 
-from kvqa.errors import BadInput
+from kvqa.errors import BadInput, read_user_text
 from kvqa.tables import atomic_path, write_text
 
 VAL_SIZE = 1500
@@ -183,19 +183,7 @@ def submission_problems(path: Path, val_set: list[tuple[str, str]] | None) -> li
     BadInput (exit 2) when the file cannot be read at all: missing, a folder, not UTF-8 text.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise BadInput(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BadInput(f"{path}: is a folder, expected a JSONL file") from None
-    except OSError as err:
-        raise BadInput(f"{path}: cannot read: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise BadInput(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    text = read_user_text(path, "submission")
     problems: list[str] = []
     seen: dict[int, int] = {}
     base = path.parent

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kvqa.catalog import DEFAULT_CATALOG_PATH
-from kvqa.errors import ConfigError, validation_summary, yaml_problem
+from kvqa.errors import ConfigError, read_user_text, validation_summary, yaml_problem
 from kvqa.redact import redact
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -310,19 +310,7 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     Covers what a hand-edited file gets wrong: missing, a folder, not UTF-8, a syntax error or a tab
     (`path:line:column`), a list or a scalar where keys are expected. An empty file is an empty mapping.
     """
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{what} {path} is a folder, not a YAML file") from None
-    except OSError as err:
-        raise ConfigError(f"{what} {path}: cannot read: {err.strerror or err}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+    text = read_user_text(path, what, ConfigError)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

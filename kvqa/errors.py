@@ -52,6 +52,24 @@ class StageFailed(RuntimeError):
         super().__init__(one_line(f"stage {stage}: {cause}{written}"))
 
 
+def read_user_text(path: Path, what: str, error: type[BadInput] = BadInput) -> str:
+    """A hand-made file's text, or `error` in one line naming it: missing, a folder, unreadable, or not
+    UTF-8 (`path:line:`, the line of the first bad byte)."""
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"{what} {path} is a folder, not a file") from None
+    except OSError as err:
+        raise error(f"{what} {path}: cannot read: {err.strerror or err}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{raw[err.start]:02x})") from None
+
+
 def human_bytes(n: int) -> str:
     """1234567 -> '1.2 MB' (decimal units, as `df -H` prints them)."""
     size = float(n)

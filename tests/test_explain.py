@@ -268,10 +268,10 @@ def test_validator_accepts_the_reference_and_reports_each_planted_fault_on_its_l
                for x in reported if x.startswith(f"{bad}:3: "))
     # Unreadable input: one line, exit 2.
     missing = runner.invoke(app, ["validate-task2", str(out / "nope.jsonl")])
-    assert missing.exit_code == 2 and "no such file" in missing.output
+    assert missing.exit_code == 2 and "submission not found" in missing.output
     (out / "latin1.jsonl").write_bytes(b'{"val_id": 0}\n{"answer": "caf\xe9"}\n')
     latin = runner.invoke(app, ["validate-task2", str(out / "latin1.jsonl")])
-    assert latin.exit_code == 2 and "latin1.jsonl:2: not UTF-8" in latin.output
+    assert latin.exit_code == 2 and "latin1.jsonl:2: submission is not UTF-8" in latin.output
     no_set = runner.invoke(app, ["validate-task2", str(bad), "--val-set", str(tmp_path)])
     assert no_set.exit_code == 2 and "not a saved validation subset" in no_set.output
 
