@@ -25,7 +25,7 @@ from kvqa.tables import stable_hash
 
 @dataclass(frozen=True)
 class ChatRequest:
-    key: str  # the cache key (a hash of `body` and the transport's endpoint); also the Batch API custom_id
+    key: str  # the cache key (a hash of `body` and the transport's `endpoint`); also the Batch API custom_id
     body: dict  # the chat-completions request body, exactly as the transport sends it (`chat_body`)
 
     @property
@@ -63,8 +63,9 @@ OnReply = Callable[[ChatRequest, ChatReply], None]
 
 class ChatTransport(Protocol):
     name: str
-    # Where replies come from, as the cache key sees it (`llm_cache.endpoint_id` for a server): a reply
-    # cached from one server is never served for a request to another.
+    # Where replies come from, as the cache key sees it, beyond the body: the `vllm` engine's arguments,
+    # `batch`; one constant for OpenAI-compatible servers, so that any endpoint of a list (or a server
+    # moved to another address) serves the same cached replies for the same model and body.
     endpoint: str
     # Body fields this transport adds to every request unless `extra_body` sets them.
     body_defaults: dict
@@ -106,8 +107,9 @@ class LLMClient:
     """Cache in front of a transport, with usage counted per stage.
 
     A request's cache key is the hash of its whole body as sent (model, messages, sampling parameters with
-    the per-item seed, response schema, `extra_body`) and of the transport's endpoint: change any of them
-    and the request is sent again; change nothing and nothing is sent.
+    the per-item seed, response schema, `extra_body`) and of the transport's `endpoint` (not the server URL
+    of the `openai` transport: any endpoint serving the model answers for all): change any of them and the
+    request is sent again; change nothing and nothing is sent.
     """
 
     transport: ChatTransport

@@ -2,7 +2,9 @@
 
 The key is a hash of everything that determines a reply: the request body exactly as the transport sends
 it (model, messages, sampling parameters with the per-item seed, response schema, `extra_body`) and the
-endpoint it goes to (`endpoint_id`: the server URL without credentials, which never change a reply).
+transport's `endpoint`, which names where replies come from only where the body does not say it all (the
+in-process `vllm` engine's arguments, `batch` results). For OpenAI-compatible servers it is one constant:
+the model and the body decide the reply, not which replica of a list answered it (README, LLM cache).
 Entries live in append-only segment files, one per writing process
 (`seg-<pid>-<random>.jsonl`), one JSON line per reply, flushed as each reply arrives: a process killed
 half way keeps every reply it received, and a torn last line (killed mid-write) fails to parse and is simply
@@ -37,7 +39,7 @@ def endpoint_id(base_url: str | None) -> str:
 
 
 def request_key(body: dict, endpoint: str) -> str:
-    """Hash of the request body as sent and the endpoint it is sent to."""
+    """Hash of the request body as sent and the transport's `endpoint` (not a server URL: see above)."""
     payload = {"endpoint": endpoint, "body": body}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

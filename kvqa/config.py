@@ -150,9 +150,11 @@ class LLMConfig(_Strict):
     """
 
     model: str = "Qwen/Qwen3-8B"
-    base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 for `vllm serve`; None = OpenAI
+    # e.g. http://127.0.0.1:8000/v1 for `vllm serve`; None = OpenAI. A list: several servers of the same
+    # model (vLLM replicas, providers), each request to the one with the fewest outstanding requests.
+    base_url: str | list[str] | None = None
     api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = Field(default=64, ge=1)
+    concurrency: int = Field(default=64, ge=1)  # requests in flight per endpoint of `base_url`
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=6, ge=0)
     backoff_base_s: float = Field(default=0.5, ge=0)
@@ -167,6 +169,17 @@ class LLMConfig(_Strict):
     batch_dir: Path | None = None  # `batch`: where request JSONL files are written (default: run folder)
     batch_results: list[Path] = Field(default_factory=list)  # `batch`: result JSONL files to ingest
     vllm_engine: dict = Field(default_factory=dict)  # `vllm`: LLM(...) keyword arguments
+    # Several endpoints: one that refuses connections, or answers 5xx this many times in a row, is set aside
+    # for `endpoint_cooldown_s` and its requests go to the others (the last one up is never set aside).
+    endpoint_failures: int = Field(default=3, ge=1)
+    endpoint_cooldown_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _endpoints_listed(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("base_url: an empty list names no server (leave it out for OpenAI)")
+        return value
 
 
 class GenerateConfig(_Strict):

@@ -12,6 +12,9 @@ the same messages):
     missing    JSON without the `answer` field          refusal      message.refusal set, no content
     contradict an answer whose first fact is flipped     judge_no     the judge says inconsistent
 
+`kill_after=N` makes the server die once N requests have arrived: requests in flight then get no reply
+and new connections are refused, as when a GPU server crashes half way.
+
 Run alone for benchmarks: `python tests/openai_standin.py --latency 0.1` serves the same answers from
 one asyncio thread and prints its URL.
 """
@@ -43,7 +46,7 @@ FLIP = {"yes": "no", "no": "yes", "not relevant": "yes"}
 
 class OpenAIStandIn:
     def __init__(self, latency_s: float = 0.0, hang_s: float = 2.0,
-                 chooser: Callable[[list[dict], int], str | None] | None = None):
+                 chooser: Callable[[list[dict], int], str | None] | None = None, kill_after: int | None = None):
         self.catalog = load_catalog()
         self.realizer = TemplateRealizer(self.catalog, seed=7)
         self.latency_s, self.hang_s = latency_s, hang_s
@@ -51,6 +54,8 @@ class OpenAIStandIn:
         self.attempts: Counter = Counter()
         self.log: list[tuple[float, str, str | None]] = []  # (time, schema name, fault)
         self.lock = threading.Lock()
+        self.kill_after = kill_after  # dies (`kill`) when this many requests have arrived
+        self.dead = False
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +65,9 @@ class OpenAIStandIn:
                 pass
 
             def _send(self, code: int, obj: dict, headers: dict | None = None) -> None:
+                if hub.dead:  # a dead server answers nothing: the connection drops
+                    self.close_connection = True
+                    return
                 body = json.dumps(obj).encode()
                 self.send_response(code)
                 for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)),
@@ -100,6 +108,11 @@ class OpenAIStandIn:
     def requests(self) -> int:
         return len(self.log)
 
+    def kill(self) -> None:
+        """Die as a crashed server does: requests in flight get no reply, new connections are refused."""
+        self.dead = True
+        threading.Thread(target=self.__exit__, daemon=True).start()  # not from a handler: shutdown waits
+
     # -- answering -------------------------------------------------------------------------------
     def respond(self, req: dict, sleep: bool = True) -> tuple[int, dict, dict]:
         messages = req["messages"]
@@ -110,7 +123,11 @@ class OpenAIStandIn:
             self.attempts[key] += 1
         fault = self.chooser(messages, attempt)
         with self.lock:
+            if self.dead:
+                return 500, {}, {}  # never sent: `_send` drops the connection
             self.log.append((time.monotonic(), name, fault))
+            if self.kill_after is not None and len(self.log) >= self.kill_after:
+                self.kill()
         if self.latency_s and sleep:
             time.sleep(self.latency_s)
         if fault == "429":
