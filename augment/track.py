@@ -249,6 +249,13 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     return run
 
 
+def sized_chunk(n_images: int, workers: int, chunks_per_worker: int, min_images: int) -> int:
+    """Images per chunk for a cluster: about `chunks_per_worker` chunks per worker (enough to balance a
+    slow chunk), each at least `min_images` (enough to amortise a task run's overhead). The number of
+    chunks is then at most `workers x chunks_per_worker`, however many images there are."""
+    return max(min_images, -(-n_images // (workers * chunks_per_worker)))
+
+
 def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8,
                    run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
     """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
