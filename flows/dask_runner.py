@@ -16,7 +16,7 @@ from typing import Callable
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
-from augment.track import ChunkResult, RenderSettings, render_chunk
+from augment.track import ChunkResult, RenderSettings, one_opencv_thread, render_chunk
 from kvqa.config import RunnerConfig
 
 log = logging.getLogger("kvqa")
@@ -35,6 +35,7 @@ def dask_task_runner(runner: RunnerConfig):
 
 @task(cache_policy=NONE, task_run_name="augment-chunk-{index}")
 def render_chunk_task(chunk: list[dict], index: int, settings: RenderSettings) -> ChunkResult:
+    one_opencv_thread()  # as the local pool's workers: the same bytes whichever runner rendered them
     return render_chunk(chunk, settings)
 
 

@@ -25,8 +25,6 @@ def dask_config(tmp_path: Path, **runner) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="OPEN: augmentations.parquet differs from the local runner's at byte "
-                   "9003 (not yet investigated); the Dask path runs (log line checked first)")
 def test_augment_track_on_a_local_dask_cluster_is_byte_identical(sample_run, tmp_path):
     root = tmp_path / "runs"
     proc = run_cli("augment", "--config", str(dask_config(tmp_path, n_workers=2, min_chunk_images=4)),
