@@ -188,11 +188,18 @@ def submit_to_pool(pool: ProcessPoolExecutor, chunks: list[list[dict]], settings
     return [pool.submit(render_chunk, c, settings) for c in chunks]
 
 
-def start_worker(owner_pid: int) -> None:
-    """Initializer of every pool worker: OpenCV on one thread (one process per core; OpenCV's own threads
-    would only oversubscribe), set before any OpenCV call, and a watchdog that ends the worker when the
-    process that owns the pool dies."""
+def one_opencv_thread() -> None:
+    """OpenCV on one thread in every process that renders: one process per core (its own threads would
+    only oversubscribe), and the output depends on it: albumentations' Illumination (vignetting, corner
+    mode) gives other bytes on 2 threads than on 1 (2 of the sample's 740 variants). Set before any
+    OpenCV call of the process."""
     cv2.setNumThreads(1)
+
+
+def start_worker(owner_pid: int) -> None:
+    """Initializer of every pool worker: one OpenCV thread (`one_opencv_thread`) and a watchdog that ends
+    the worker when the process that owns the pool dies."""
+    one_opencv_thread()
     threading.Thread(target=exit_with_owner, args=(owner_pid,), name="exit-with-owner", daemon=True).start()
 
 
@@ -247,6 +254,13 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
                     bar.update(len(chunk))
         return results
     return run
+
+
+def sized_chunk(n_images: int, workers: int, chunks_per_worker: int, min_images: int) -> int:
+    """Images per chunk for a cluster: about `chunks_per_worker` chunks per worker (enough to balance a
+    slow chunk), each at least `min_images` (enough to amortise a task run's overhead). The number of
+    chunks is then at most `workers x chunks_per_worker`, however many images there are."""
+    return max(min_images, -(-n_images // (workers * chunks_per_worker)))
 
 
 def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8,

@@ -17,7 +17,8 @@ from prefect.cache_policies import NONE
 
 from augment import (RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk,
                      run_in_processes)
-from augment.track import ChunkResult
+from augment.track import ChunkResult, sized_chunk
+from flows.dask_runner import run_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import run_lock
 from flows.stage_cache import cached_stage, code_version, digests
@@ -38,6 +39,17 @@ def map_prefect_tasks(pool: Executor, chunks: list[list[dict]], settings: Render
     return augment_chunk.map(chunks, range(len(chunks)), unmapped(settings), unmapped(pool))
 
 
+def chunk_runner(cfg: Config, n_images: int) -> dict:
+    """`augment_images` keyword arguments for the configured runner: the local process pool with
+    `augment.chunk_size`, or Dask with chunks sized from the images and the workers."""
+    r = cfg.runner
+    if r.kind == "dask":
+        return {"chunk_size": sized_chunk(n_images, r.n_workers, r.chunks_per_worker, r.min_chunk_images),
+                "run_chunks": run_on_dask(r)}
+    return {"chunk_size": cfg.augment.chunk_size,
+            "run_chunks": run_in_processes(cfg.augment.workers, map_prefect_tasks)}
+
+
 @task(cache_policy=NONE)
 def augment_stage(cfg: Config, run_dir: Path) -> dict:
     """Render the augmented track of every usable image (skipped when nothing it depends on changed)."""
@@ -52,8 +64,7 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
         settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir, max(s.max_pixels for s in cfg.sources))
         if not a.enabled:
             images = images.iloc[:0]
-        records, bad, figures, rendered = augment_images(images, settings, chunk_size=a.chunk_size,
-                                                         run_chunks=run_in_processes(a.workers, map_prefect_tasks))
+        records, bad, figures, rendered = augment_images(images, settings, **chunk_runner(cfg, len(images)))
         reconcile("images through augment", len(images), figures["augmented_images"], len(bad))
         reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), len(records))
         log.info("augment: %d variants rendered, %d verified on disk", rendered, len(records) - rendered)

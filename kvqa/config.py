@@ -254,6 +254,23 @@ class AugmentConfig(_Strict):
     contact_sheet_images: int = Field(default=4, ge=0)
 
 
+class RunnerConfig(_Strict):
+    """Where the fan-out work runs; changes how fast, never what (outputs are byte-identical).
+
+    `local`: a process pool on this machine (`augment.workers`, `augment.chunk_size`). `dask`: Prefect tasks
+    on `prefect_dask.DaskTaskRunner`, on the cluster at `address` (a scheduler, `tcp://host:8786`) or, when
+    none is given, a `LocalCluster` of `n_workers` single-threaded processes. Work is cut into about
+    `chunks_per_worker` chunks per worker (each at least `min_chunk_images` images), so the number of task
+    runs is bounded by the workers, not by the images.
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.-]*://\S+$")
+    n_workers: int = Field(default=2, ge=1)
+    chunks_per_worker: int = Field(default=4, ge=1)
+    min_chunk_images: int = Field(default=8, ge=1)
+
+
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     # Two images are near duplicates (kept in one split) when their 256-bit fingerprints are at most this
@@ -290,6 +307,7 @@ class Config(_Strict):
     split: SplitConfig = SplitConfig()
     publish: PublishConfig = PublishConfig()
     explain: ExplainConfig = ExplainConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _unique_source_names(self) -> "Config":
@@ -457,5 +475,6 @@ def public_config_yaml(cfg: Config, config_dir: Path) -> str:
     keeps its runs (and `--output-root` overrides it), not what the release is. Same config -> same text,
     wherever the config and the data live.
     """
-    data = _public(redact(cfg.model_dump(mode="python", exclude={"output_root"})), Path(config_dir).resolve())
+    data = _public(redact(cfg.model_dump(mode="python", exclude={"output_root", "runner"})),  # runner: how, not what
+                   Path(config_dir).resolve())
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)

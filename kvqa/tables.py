@@ -65,7 +65,11 @@ def remove_orphan_temps(folder: Path) -> list[Path]:
 
 
 def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -> Path:
-    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    """Write `df` as zstd parquet, atomically. The columns are combined into one chunk first: pandas'
+    arrow-backed strings keep the chunks of the frames they were concatenated from, and the parquet writer
+    cuts pages (and falls back from dictionary encoding) along them, so the same rows built from 8 or 10
+    chunks would give other bytes."""
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False).combine_chunks()
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return Path(path)
