@@ -15,10 +15,13 @@ Augmentations table (`stages/augmentations.parquet`), one row per variant:
 | n_bytes | int | JPEG size |
 | recipe | str | JSON: versions, modes, quality and every step's transform, arguments, seed and applied parameters |
 
-Images are cut into chunks; a chunk renders all variants of its images (each image is decoded once and
-encoded n times) and writes its records to `augment/records/` before returning, so a killed run keeps
-every finished chunk. On a re-run a variant is skipped when its record plans the same steps, seeds and
-quality for the same input bytes and the file on disk still has the recorded digest.
+Images are cut into batches of `chunk_size` (the unit of resumption): a batch renders all variants of its
+images (each image is decoded once and encoded n times) and writes its records to `augment/records/`, so a
+killed run keeps every finished batch. Batches are grouped into task chunks, about `chunks_per_worker` per
+worker (the unit of scheduling, `kvqa.fanout`), so the number of task runs is bounded by the workers, not by the images:
+100,000 images on 2 workers make 32 task runs, not 12,500. On a re-run a variant is skipped when its record
+plans the same steps, seeds and quality for the same input bytes and the file on disk still has the
+recorded digest.
 
 Worker processes. The pool starts its workers from a `forkserver`, never by forking the parent: the
 parent has usually run OpenCV already (the Kvasir-SEG mask reader's `connectedComponentsWithStats` starts
@@ -52,6 +55,7 @@ from augment.catalog import ArtifactCatalog
 from augment.render import (VERSIONS, AugmentImageError, apply_steps, decode_image, encode_jpeg, make_recipe,
                             plan_recipe)
 from kvqa.config import DEFAULT_MAX_PIXELS
+from kvqa.fanout import contiguous_chunks
 from kvqa.tables import atomic_path, quarantine_frame, read_table, remove_orphan_temps, stable_hash, write_table
 
 AUGMENT_COLUMNS = ["source", "img_id", "variant", "artifact", "input_sha256", "output_path", "output_sha256",
@@ -140,20 +144,20 @@ def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, 
 _TRANSFORMS: dict = {}  # per worker process: built transforms by (class, arguments)
 
 
-def chunk_file(chunk: list[dict], settings: RenderSettings) -> str:
-    """The records file of a chunk: named by its images and what they are rendered with."""
-    key = stable_hash(settings.digest, *(f"{i['source']}/{i['img_id']}" for i in chunk))[:20]
+def chunk_file(batch: list[dict], settings: RenderSettings) -> str:
+    """The records file of a batch: named by its images and what they are rendered with."""
+    key = stable_hash(settings.digest, *(f"{i['source']}/{i['img_id']}" for i in batch))[:20]
     return f"{RECORDS_DIR}/chunk-{key}.parquet"
 
 
-def render_chunk(chunk: list[dict], settings: RenderSettings) -> ChunkResult:
-    """Render (or verify) every variant of a chunk's images and persist the chunk's records.
+def render_batch(batch: list[dict], settings: RenderSettings) -> ChunkResult:
+    """Render (or verify) every variant of a batch's images and persist the batch's records.
 
-    Each item of `chunk` is an image row (`source`, `img_id`, `path`) plus `prior`, its recorded variants.
-    An image that does not decode is quarantined here, with its reason; the chunk goes on.
+    Each item of `batch` is an image row (`source`, `img_id`, `path`) plus `prior`, its recorded variants.
+    An image that does not decode is quarantined here, with its reason; the batch goes on.
     """
     records, bad, rendered = [], [], 0
-    for image in chunk:
+    for image in batch:
         try:
             recs, n = render_image(image, image["prior"], settings, _TRANSFORMS)
             records += recs
@@ -163,12 +167,24 @@ def render_chunk(chunk: list[dict], settings: RenderSettings) -> ChunkResult:
                         "reason": getattr(err, "reason", "unreadable_image"), "detail": str(err),
                         "raw": image["path"]})
     table = pd.DataFrame(records, columns=AUGMENT_COLUMNS)
-    write_table(table, settings.run_dir / chunk_file(chunk, settings))
+    write_table(table, settings.run_dir / chunk_file(batch, settings))
     return ChunkResult(table, quarantine_frame(bad), rendered)
 
 
-def plan_chunks(images: pd.DataFrame, run_dir: Path, chunk_size: int) -> list[list[dict]]:
-    """Images in (source, img_id) order, cut in chunks, each image carrying its recorded variants."""
+def render_chunk(chunk: list[list[dict]], settings: RenderSettings) -> ChunkResult:
+    """Render a task's chunk: its batches one after the other, each persisted as it finishes."""
+    results = [render_batch(batch, settings) for batch in chunk]
+    return ChunkResult(pd.concat([r.records for r in results], ignore_index=True),
+                       pd.concat([r.quarantine for r in results], ignore_index=True),
+                       sum(r.rendered for r in results))
+
+
+def chunk_images(chunk: list[list[dict]]) -> int:
+    return sum(map(len, chunk))
+
+
+def plan_batches(images: pd.DataFrame, run_dir: Path, batch_size: int) -> list[list[dict]]:
+    """Images in (source, img_id) order, cut in batches, each image carrying its recorded variants."""
     prior: dict[tuple[str, str], dict[int, dict]] = {}
     record_files = sorted((run_dir / RECORDS_DIR).glob("chunk-*.parquet"))
     if record_files:
@@ -178,13 +194,13 @@ def plan_chunks(images: pd.DataFrame, run_dir: Path, chunk_size: int) -> list[li
     rows = images.sort_values(["source", "img_id"])[["source", "img_id", "path"]].to_dict("records")
     for row in rows:
         row["prior"] = prior.get((row["source"], row["img_id"]), {})
-    return [rows[i:i + chunk_size] for i in range(0, len(rows), chunk_size)]
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-ChunkRunner = Callable[[list[list[dict]], RenderSettings], list[ChunkResult]]
+ChunkRunner = Callable[[list[list[list[dict]]], RenderSettings], list[ChunkResult]]
 
 
-def submit_to_pool(pool: ProcessPoolExecutor, chunks: list[list[dict]], settings: RenderSettings) -> list:
+def submit_to_pool(pool: ProcessPoolExecutor, chunks: list[list[list[dict]]], settings: RenderSettings) -> list:
     return [pool.submit(render_chunk, c, settings) for c in chunks]
 
 
@@ -243,32 +259,26 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     """Render chunks in `workers` processes (0 = one per core), with a progress bar. `submit(pool, chunks,
     settings)` returns one future per chunk (the flow's maps a Prefect task per chunk onto the pool)."""
-    def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
+    def run(chunks: list[list[list[dict]]], settings: RenderSettings) -> list[ChunkResult]:
         with process_pool(workers) as pool:
             futures = submit(pool, chunks, settings)
-            with tqdm(total=sum(map(len, chunks)), desc="augment", unit="img", mininterval=1.0,
-                      disable=sum(map(len, chunks)) < 50) as bar:
+            total = sum(map(chunk_images, chunks))
+            with tqdm(total=total, desc="augment", unit="img", mininterval=1.0, disable=total < 50) as bar:
                 results = []
                 for chunk, fut in zip(chunks, futures):
                     results.append(fut.result())
-                    bar.update(len(chunk))
+                    bar.update(chunk_images(chunk))
         return results
     return run
 
 
-def sized_chunk(n_images: int, workers: int, chunks_per_worker: int, min_images: int) -> int:
-    """Images per chunk for a cluster: about `chunks_per_worker` chunks per worker (enough to balance a
-    slow chunk), each at least `min_images` (enough to amortise a task run's overhead). The number of
-    chunks is then at most `workers x chunks_per_worker`, however many images there are."""
-    return max(min_images, -(-n_images // (workers * chunks_per_worker)))
-
-
 def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8,
-                   run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
+                   tasks: int | None = None, run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
     """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
 
     `rendered` counts the variants rendered now rather than verified on disk (not a figure of the
-    release: it differs between a fresh and a resumed run).
+    release: it differs between a fresh and a resumed run). Images are persisted in batches of
+    `chunk_size`; `run_chunks` gets the batches grouped in `tasks` chunks (default: one chunk per batch).
 
     Leaves exactly this run's variants under `augmented/` and this run's records under `augment/records/`
     (files from a previous catalog or image set, and temporary files a killed run left, are removed), so
@@ -277,14 +287,15 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size
     run_dir = settings.run_dir
     for folder in ("augmented", "augment"):  # a run folder has one writer: these are a killed run's
         remove_orphan_temps(run_dir / folder)
-    chunks = plan_chunks(images, run_dir, chunk_size)
+    batches = plan_batches(images, run_dir, chunk_size)
+    chunks = contiguous_chunks(batches, tasks or len(batches))
     results = (run_chunks or run_in_processes(0))(chunks, settings)
     records = pd.concat([r.records for r in results], ignore_index=True) if results else \
         pd.DataFrame(columns=AUGMENT_COLUMNS)
     records = records.sort_values(["source", "img_id", "variant"], kind="stable").reset_index(drop=True)
     records = records.astype({"variant": "int32", "width": "int32", "height": "int32", "n_bytes": "int64"})
     quarantine = pd.concat([r.quarantine for r in results], ignore_index=True) if results else quarantine_frame([])
-    keep_records = {chunk_file(c, settings) for c in chunks}
+    keep_records = {chunk_file(b, settings) for b in batches}
     for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()

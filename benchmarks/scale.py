@@ -2,10 +2,13 @@
 over two servers, one killed half way.
 
 - augment: N images (the sample's frames, cycled under distinct ids, so every image draws its own
-  parameters) x ten variants, on a Dask `LocalCluster` of 1 and of 2 single-threaded workers (started
-  before the clock, as an existing cluster is), and on the local process-pool runner with 2 processes.
+  parameters) x ten variants, through the flow's own chunk runners: Prefect task runs on a Dask
+  `LocalCluster` of 1 and of 2 single-threaded workers, and on the local runner (Prefect tasks handing
+  chunks to a pool of 2 processes). Steady state: each runner first renders a few warm-up images, so the
+  clock starts with the Prefect server up and the code imported in every worker (an existing cluster after
+  its first job; the local fork server after its first pool); the cold start is reported apart.
   Parallel efficiency = T(1 worker) / (2 x T(2 workers)); runner ratio = T(dask, 2) / T(local, 2).
-- task runs for 100,000 images (counted from the chunk sizing, not run), per worker count.
+- task runs for 100,000 images (counted from the chunking, not run), per worker count.
 - LLM: two stand-in servers (own processes) answering after 1 s, concurrency 128 each; wall time against
   the ideal n / 256 x 1 s; then a fresh run with one server killed half way: accepted / rejected plans,
   and a re-run that must send only the missing requests. Client CPU per request from the first run.
@@ -30,7 +33,8 @@ import pandas as pd  # noqa: E402
 from _common import ROOT, base_csv, print_json, print_table, scale_metadata  # noqa: E402
 
 from augment.catalog import load_artifact_catalog  # noqa: E402
-from augment.track import RenderSettings, augment_images, run_in_processes, sized_chunk  # noqa: E402
+from augment.track import RenderSettings, augment_images, run_in_processes  # noqa: E402
+from kvqa.fanout import task_count  # noqa: E402
 from generate import compose_plans  # noqa: E402
 from generate.llm import ComposeReply, LLMClient, facts_json  # noqa: E402
 from generate.llm_cache import RequestCache  # noqa: E402
@@ -43,48 +47,63 @@ from sources import read_sources  # noqa: E402
 
 LATENCY_S = 1.0
 CONCURRENCY = 128  # per server
-CHUNKS_PER_WORKER = 4
+BATCH = 8  # augment.chunk_size: images per records batch
 
 
-def bench_images(n: int) -> pd.DataFrame:
+def bench_images(n: int, prefix: str = "") -> pd.DataFrame:
     files = sorted((ROOT / "data/sample/images").glob("*.jpg"))
     paths = [files[i % len(files)] for i in range(n)]
-    return pd.DataFrame({"source": "bench", "img_id": [f"{p.stem}-{i:05d}" for i, p in enumerate(paths)],
+    return pd.DataFrame({"source": "bench", "img_id": [f"{prefix}{p.stem}-{i:05d}" for i, p in enumerate(paths)],
                          "path": [str(p) for p in paths]})
 
 
-def time_augment(images: pd.DataFrame, run_dir: Path, chunk_size: int, run_chunks) -> tuple[float, bytes]:
+def time_augment(images: pd.DataFrame, run_dir: Path, workers: int, cpw: int, run_chunks) -> tuple[float, bytes]:
     settings = RenderSettings(load_artifact_catalog(), 42, 95, run_dir)
+    tasks = task_count(-(-len(images) // BATCH), workers, cpw)
     t0 = time.perf_counter()
-    records, _, _, rendered = augment_images(images, settings, chunk_size=chunk_size, run_chunks=run_chunks)
+    records, _, _, rendered = augment_images(images, settings, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
     assert rendered == len(images) * len(settings.catalog.artifacts)
-    return time.perf_counter() - t0, records.drop(columns=[]).to_csv(index=False).encode()
+    return time.perf_counter() - t0, records.to_csv(index=False).encode()
 
 
-def augment_figures(n: int, tmp: Path) -> dict:
-    from distributed import LocalCluster
+def augment_figures(n: int, tmp: Path, cpw: int) -> dict:
+    from distributed import Client, LocalCluster
+    from prefect import flow
 
+    from flows.augment_track import map_prefect_tasks
     from flows.dask_runner import run_on_dask
 
-    images = bench_images(n)
-    times, outputs = {}, {}
+    images, warm = bench_images(n), bench_images(4 * BATCH, "warm-")  # 4 task runs: every worker gets one
+    times, outputs, cold = {}, {}, {}
+    flow(name="prefect-api-up")(lambda: None)()  # Prefect's temporary server starts here, not in a figure
     for workers in (1, 2):
+        t0 = time.perf_counter()
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c:
-            runner = RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers)
-            size = sized_chunk(n, workers, CHUNKS_PER_WORKER, 8)
-            times[f"dask_{workers}"], outputs[workers] = time_augment(images, tmp / f"dask{workers}", size,
-                                                                      run_on_dask(runner))
-    times["local_2"], local_out = time_augment(images, tmp / "local", 8, run_in_processes(2))
-    same = outputs[1] == outputs[2] == local_out
+            with Client(c) as client:
+                client.run(__import__, "flows.dask_runner")  # the code every task needs, in every worker
+            run = run_on_dask(RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers))
+            time_augment(warm, tmp / f"warm-dask{workers}", workers, cpw, run)
+            cold[f"dask_{workers}_start_s"] = round(time.perf_counter() - t0, 2)
+            times[f"dask_{workers}"], outputs[workers] = time_augment(images, tmp / f"dask{workers}", workers, cpw, run)
+            print(f"augment: {times}", file=sys.stderr)
+    # The local runner maps its Prefect tasks inside the flow (as the augment stage does in a build).
+    local = run_in_processes(2, map_prefect_tasks)
+    t0 = time.perf_counter()
+    flow(name="augment-local")(lambda: time_augment(warm, tmp / "warm-local", 2, cpw, local))()
+    cold["local_2_start_s"] = round(time.perf_counter() - t0, 2)
+    times["local_2"], local_out = flow(name="augment-local")(lambda: time_augment(images, tmp / "local", 2, cpw, local))()
+    print(f"augment: {times}", file=sys.stderr)
     return {"images": n, "variants": n * 10, **{f"{k}_s": round(v, 2) for k, v in times.items()},
             "ms_per_variant_1_worker": round(times["dask_1"] / (n * 10) * 1000, 2),
             "parallel_efficiency_2_vs_1": round(times["dask_1"] / (2 * times["dask_2"]), 3),
-            "dask_vs_local_ratio": round(times["dask_2"] / times["local_2"], 3), "records_identical": same}
+            "dask_vs_local_ratio": round(times["dask_2"] / times["local_2"], 3),
+            "records_identical": outputs[1] == outputs[2] == local_out, **cold}
 
 
-def task_run_counts(n: int = 100_000) -> dict:
-    counts = {f"dask_{w}_workers": -(-n // sized_chunk(n, w, CHUNKS_PER_WORKER, 8)) for w in (1, 2, 16, 64, 256)}
-    return {"images": n, "local_runner_before": -(-n // 8), **counts}
+def task_run_counts(cpw: int, n: int = 100_000) -> dict:
+    batches = -(-n // BATCH)
+    counts = {f"{w}_workers": task_count(batches, w, cpw) for w in (1, 2, 16, 64, 256)}
+    return {"images": n, "records_batches": batches, "before_one_task_per_batch": batches, **counts}
 
 
 def start_standin() -> tuple[subprocess.Popen, str]:
@@ -140,18 +159,24 @@ def llm_figures(n: int, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="48 images and 1,024 requests (else 400 and 5,120)")
+    ap.add_argument("--quick", action="store_true", help="64 images and 1,024 requests (else 400 and 5,120)")
+    ap.add_argument("--chunks-per-worker", type=int, default=RunnerConfig().chunks_per_worker,
+                    help="task runs per worker (default: the config's)")
+    ap.add_argument("--augment-only", action="store_true", help="skip the LLM figures")
     args = ap.parse_args()
-    n_images, n_requests = (48, 1024) if args.quick else (400, 5120)
+    cpw = args.chunks_per_worker
+    n_images, n_requests = (64, 1024) if args.quick else (400, 5120)
     with tempfile.TemporaryDirectory() as tmp:
-        aug = augment_figures(n_images, Path(tmp))
-        runs = task_run_counts()
-        llm = llm_figures(n_requests, Path(tmp))
+        aug = augment_figures(n_images, Path(tmp), cpw)
+        runs = task_run_counts(cpw)
+        llm = {} if args.augment_only else llm_figures(n_requests, Path(tmp))
     print_table(f"augment on Dask: {aug['images']} images x 10 variants",
                 [(k, v) for k, v in aug.items() if k not in ("images",)])
     print_table("task runs for 100,000 images", list(runs.items()))
-    print_table(f"LLM: two stand-ins, {LATENCY_S:.0f} s latency, concurrency {CONCURRENCY} each", list(llm.items()))
-    print_json({"benchmark": "scale", "quick": args.quick, "augment": aug, "task_runs": runs, "llm": llm})
+    if llm:
+        print_table(f"LLM: two stand-ins, {LATENCY_S:.0f} s latency, concurrency {CONCURRENCY} each", list(llm.items()))
+    print_json({"benchmark": "scale", "quick": args.quick, "chunks_per_worker": cpw, "augment": aug,
+                "task_runs": runs, "llm": llm})
 
 
 if __name__ == "__main__":

@@ -48,11 +48,10 @@ from typing import Protocol, Sequence
 import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from tqdm.auto import tqdm
 
 from generate.backends import PlanFact, Rejected
 from generate.grounding import GroundingChecker, Violation
-from generate.realize import plan_inputs
+from generate.realize import answered_batches, plan_inputs
 from generate.template import answer_key, compose_answer, number_word, render_answer_clause, upper_first
 from kvqa.catalog import Catalog
 from kvqa.errors import ConfigError
@@ -308,26 +307,19 @@ def explain_rows(qa: pd.DataFrame, plans: pd.DataFrame, facts: pd.DataFrame, bac
     quarantined, always."""
     items = explain_items(qa, plans, facts, phrasings, masks or {})
     rows, rejected = [], []
-    with tqdm(total=len(items), desc=f"explain ({backend.name})", unit="row", mininterval=1.0,
-              disable=len(items) < 5000) as bar:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            results = backend.explain(batch)
-            if len(results) != len(batch):
-                raise RuntimeError(f"explainer {backend.name} returned {len(results)} results for {len(batch)}")
-            for item, res in zip(batch, results):
-                if isinstance(res, Explained):
-                    violation = check_explanation(checker, res.text, item)
-                    if violation is None:
-                        rows.append((item.qa_id, item.source, item.img_id, res.text,
-                                     [f.question_class for f in item.cited],
-                                     visual_explanation(item.boxes, phrasings), item.mask, backend.name,
-                                     backend.version, res.prompt_hash))
-                        continue
-                    res = Rejected(item.qa_id, violation.reason, violation.detail, json.dumps({"explanation": res.text}))
-                rejected.append({"stage": STAGE, "source": item.source, "key": item.qa_id, "reason": res.reason,
-                                 "detail": res.detail, "raw": res.raw})
-            bar.update(len(batch))
+    for batch, results in answered_batches(items, backend.explain, batch_size, f"explain ({backend.name})", "row"):
+        for item, res in zip(batch, results):
+            if isinstance(res, Explained):
+                violation = check_explanation(checker, res.text, item)
+                if violation is None:
+                    rows.append((item.qa_id, item.source, item.img_id, res.text,
+                                 [f.question_class for f in item.cited],
+                                 visual_explanation(item.boxes, phrasings), item.mask, backend.name,
+                                 backend.version, res.prompt_hash))
+                    continue
+                res = Rejected(item.qa_id, violation.reason, violation.detail, json.dumps({"explanation": res.text}))
+            rejected.append({"stage": STAGE, "source": item.source, "key": item.qa_id, "reason": res.reason,
+                             "detail": res.detail, "raw": res.raw})
     table = pd.DataFrame(rows, columns=EXPLANATION_COLUMNS).sort_values("qa_id", kind="stable").reset_index(drop=True)
     quarantine = quarantine_frame(rejected)
     return table, quarantine.sort_values("key", kind="stable").reset_index(drop=True)

@@ -9,6 +9,7 @@ stages it needs.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from prefect.cache_policies import NONE
 
 from augment import (RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk,
                      run_in_processes)
-from augment.track import ChunkResult, sized_chunk
+from augment.track import ChunkResult
+from kvqa.fanout import task_count
 from flows.dask_runner import run_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import run_lock
@@ -30,24 +32,24 @@ CONTACT_SHEET = "augment/contact-sheet.png"
 
 
 @task(cache_policy=NONE, task_run_name="augment-chunk-{index}")
-def augment_chunk(chunk: list[dict], index: int, settings: RenderSettings, pool: Executor) -> ChunkResult:
+def augment_chunk(chunk: list[list[dict]], index: int, settings: RenderSettings, pool: Executor) -> ChunkResult:
     return pool.submit(render_chunk, chunk, settings).result()
 
 
-def map_prefect_tasks(pool: Executor, chunks: list[list[dict]], settings: RenderSettings) -> list:
+def map_prefect_tasks(pool: Executor, chunks: list[list[list[dict]]], settings: RenderSettings) -> list:
     """One Prefect task per chunk, each handing its chunk to the process pool."""
     return augment_chunk.map(chunks, range(len(chunks)), unmapped(settings), unmapped(pool))
 
 
 def chunk_runner(cfg: Config, n_images: int) -> dict:
-    """`augment_images` keyword arguments for the configured runner: the local process pool with
-    `augment.chunk_size`, or Dask with chunks sized from the images and the workers."""
-    r = cfg.runner
-    if r.kind == "dask":
-        return {"chunk_size": sized_chunk(n_images, r.n_workers, r.chunks_per_worker, r.min_chunk_images),
-                "run_chunks": run_on_dask(r)}
-    return {"chunk_size": cfg.augment.chunk_size,
-            "run_chunks": run_in_processes(cfg.augment.workers, map_prefect_tasks)}
+    """`augment_images` keyword arguments for the configured runner: records batches of
+    `augment.chunk_size` images, grouped in about `runner.chunks_per_worker` task runs per worker, run on
+    the local process pool or on Dask."""
+    r, a = cfg.runner, cfg.augment
+    workers = r.n_workers if r.kind == "dask" else a.workers or os.cpu_count() or 1
+    tasks = task_count(-(-n_images // a.chunk_size), workers, r.chunks_per_worker)
+    run = run_on_dask(r) if r.kind == "dask" else run_in_processes(a.workers, map_prefect_tasks)
+    return {"chunk_size": a.chunk_size, "tasks": tasks, "run_chunks": run}
 
 
 @task(cache_policy=NONE)

@@ -1,57 +1,89 @@
-"""`runner: {kind: dask}`: the fan-out work of a flow as Prefect tasks on `prefect_dask.DaskTaskRunner`.
+"""`runner: {kind: dask}`: the fan-out work of a stage as Prefect task runs on `prefect_dask.DaskTaskRunner`.
 
 The chunks run in a sub-flow whose task runner is Dask: an existing cluster when `runner.address` names
 its scheduler (Kubernetes, Slurm via dask-jobqueue, Coiled...), else a `LocalCluster` of `n_workers`
 single-threaded worker processes, started for the sub-flow and torn down after it. One task run per
-chunk, and chunks are sized from the work and the workers (`augment.track.sized_chunk`), so 100k images
-make at most `n_workers x chunks_per_worker` task runs. Every chunk is seeded per image and variant, so
-the output does not depend on which worker rendered it (byte-identical to the local runner).
+chunk; stages cut their work into chunks with `kvqa.fanout` (about `chunks_per_worker` per worker), so
+100k images make at most `n_workers x chunks_per_worker` task runs. Every item is seeded by its own key,
+so the output does not depend on which worker did it (byte-identical to the local runner).
+
+The chunks reach the sub-flow through a closure, not as flow parameters: Prefect stores a flow run's
+parameters in its database, and 100k images' rows are no business of the API.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+import os
+from typing import Any, Callable, Sequence
 
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
+from tqdm.auto import tqdm
 
-from augment.track import ChunkResult, RenderSettings, one_opencv_thread, render_chunk
+from augment.track import ChunkResult, ChunkRunner, RenderSettings, one_opencv_thread, render_chunk
 from kvqa.config import RunnerConfig
 
 log = logging.getLogger("kvqa")
 
 
+def prefect_api_url() -> str:
+    """The API this process's flow runs report to: PREFECT_API_URL, or the temporary server Prefect started."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        return str(client.api_url)
+
+
 def dask_task_runner(runner: RunnerConfig):
-    """The Prefect task runner for `runner`: the cluster at `address`, else a fresh LocalCluster."""
+    """The Prefect task runner for `runner`: the cluster at `address`, else a fresh LocalCluster.
+
+    The task runs execute on the workers and report to Prefect from there, so the workers need the flow's
+    API. A LocalCluster's workers get it in their environment; without it each worker started a temporary
+    Prefect server of its own (≈9 s of CPU each) and the task runs were recorded there, not beside their
+    flow. An existing cluster's workers need PREFECT_API_URL set to a server they can reach (README)."""
     from prefect_dask import DaskTaskRunner  # imported only when asked for: distributed is slow to import
 
     if runner.address:
+        if not os.environ.get("PREFECT_API_URL"):
+            log.warning("runner.address is set but PREFECT_API_URL is not: the cluster's workers cannot "
+                        "report their task runs to this command's temporary Prefect server")
         return DaskTaskRunner(address=runner.address)
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "env": {"PREFECT_API_URL": prefect_api_url()}})
 
 
-@task(cache_policy=NONE, task_run_name="augment-chunk-{index}")
-def render_chunk_task(chunk: list[dict], index: int, settings: RenderSettings) -> ChunkResult:
+@task(cache_policy=NONE, task_run_name="{label}-{index}")
+def run_chunk_task(fn: Callable, chunk: Any, index: int, label: str, args: tuple) -> Any:
     one_opencv_thread()  # as the local pool's workers: the same bytes whichever runner rendered them
-    return render_chunk(chunk, settings)
+    return fn(chunk, *args)
 
 
-@flow(name="augment_chunks", log_prints=True)
-def augment_chunks(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
-    """One task run per chunk on the flow's task runner (set by `run_on_dask`)."""
-    futures = render_chunk_task.map(chunks, range(len(chunks)), unmapped(settings))
-    return [f.result() for f in futures]
+def map_on_dask(runner: RunnerConfig, label: str, fn: Callable, chunks: Sequence, *args) -> list:
+    """`[fn(chunk, *args) for chunk in chunks]`, one Prefect task run per chunk on Dask, in order."""
+    if not chunks:
+        return []
+    where = runner.address or f"LocalCluster of {runner.n_workers} workers"
+    log.info("%s: %d chunks as Prefect tasks on Dask (%s)", label, len(chunks), where)
+
+    @flow(name=f"{label}-on-dask", task_runner=dask_task_runner(runner))
+    def fan_out() -> list:
+        futures = run_chunk_task.map(unmapped(fn), list(chunks), range(len(chunks)), unmapped(label),
+                                     unmapped(args))
+        with tqdm(total=len(futures), desc=label, unit="chunk", mininterval=1.0) as bar:
+            results = []
+            for future in futures:  # in order: the bar moves as the chunks in front finish
+                results.append(future.result())
+                bar.update(1)
+        return results
+
+    return fan_out()
 
 
-def run_on_dask(runner: RunnerConfig) -> Callable[[list[list[dict]], RenderSettings], list[ChunkResult]]:
+def run_on_dask(runner: RunnerConfig) -> ChunkRunner:
     """A chunk runner (`augment_images(run_chunks=...)`) that renders the chunks on Dask."""
-    def run(chunks: list[list[dict]], settings: RenderSettings) -> list[ChunkResult]:
-        if not chunks:
-            return []
-        log.info("augment: %d chunks as Prefect tasks on Dask (%s)", len(chunks),
-                 runner.address or f"LocalCluster of {runner.n_workers} workers")
-        return augment_chunks.with_options(task_runner=dask_task_runner(runner))(chunks, settings)
+    def run(chunks: list[list[list[dict]]], settings: RenderSettings) -> list[ChunkResult]:
+        return map_on_dask(runner, "augment", render_chunk, chunks, settings)
     return run

@@ -29,11 +29,11 @@ parsed out of the id.
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pandas as pd
 from tqdm.auto import tqdm
-
-from pathlib import Path
 
 from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Rejected
 from generate.grounding import GroundingChecker
@@ -106,6 +106,20 @@ def _row(plan: PlanInput, res: Realized, label: str, backend: RealizerBackend, q
             backend.version_for([f.question_class for f in asked]), res.prompt_hash, row_boxes)
 
 
+def answered_batches(items: list, answer: Callable[[list], list], batch_size: int, desc: str,
+                     unit: str) -> Iterator[tuple[list, list]]:
+    """(batch, results) over `items` in batches of `batch_size`, with a progress bar. A backend that returns
+    another number of results than it was given stops the stage: its results could not be paired."""
+    with tqdm(total=len(items), desc=desc, unit=unit, mininterval=1.0, disable=len(items) < 5000) as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            results = answer(batch)
+            if len(results) != len(batch):
+                raise RuntimeError(f"{desc}: {len(results)} results for {len(batch)} inputs")
+            yield batch, results
+            bar.update(len(batch))
+
+
 def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBackend, checker: GroundingChecker,
                   batch_size: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Realise, ground-check and review all plans in batches; return (qa rows, quarantined plans)."""
@@ -118,32 +132,25 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
         rejected.append({"stage": STAGE, "source": plan.source, "key": plan.plan_id,
                          "reason": res.reason, "detail": res.detail, "raw": res.raw})
 
-    with tqdm(total=len(inputs), desc=f"realize ({backend.name})", unit="plan", mininterval=1.0,
-              disable=len(inputs) < 5000) as bar:
-        for start in range(0, len(inputs), batch_size):
-            batch = inputs[start:start + batch_size]
-            results = backend.realize(batch)
-            if len(results) != len(batch):
-                raise RuntimeError(f"backend {backend.name} returned {len(results)} results for {len(batch)}")
-            grounded = []
-            for plan, res in zip(batch, results):
-                if isinstance(res, Realized):
-                    violation = checker.check(res.question, res.answer, plan.facts)
-                    if violation is None:
-                        grounded.append((plan, res))
-                        continue
-                    res = Rejected(plan.plan_id, violation.reason, violation.detail,
-                                   json.dumps({"question": res.question, "answer": res.answer}))
-                reject(plan, res)
-            for (plan, _), res in zip(grounded, backend.review(grounded)):
-                if isinstance(res, Rejected):
-                    reject(plan, res)
+    for batch, results in answered_batches(inputs, backend.realize, batch_size, f"realize ({backend.name})", "plan"):
+        grounded = []
+        for plan, res in zip(batch, results):
+            if isinstance(res, Realized):
+                violation = checker.check(res.question, res.answer, plan.facts)
+                if violation is None:
+                    grounded.append((plan, res))
                     continue
-                label = labels[(plan.source, plan.img_id)]
-                rows.append(_row(plan, res, label, backend, plan.plan_id, "", res.question, boxes))
-                rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", plan.plan_id, q, boxes)
-                         for i, q in enumerate(res.variants, 1)]
-            bar.update(len(batch))
+                res = Rejected(plan.plan_id, violation.reason, violation.detail,
+                               json.dumps({"question": res.question, "answer": res.answer}))
+            reject(plan, res)
+        for (plan, _), res in zip(grounded, backend.review(grounded)):
+            if isinstance(res, Rejected):
+                reject(plan, res)
+                continue
+            label = labels[(plan.source, plan.img_id)]
+            rows.append(_row(plan, res, label, backend, plan.plan_id, "", res.question, boxes))
+            rows += [_row(plan, res, label, backend, f"{plan.plan_id}-p{i}", plan.plan_id, q, boxes)
+                     for i, q in enumerate(res.variants, 1)]
     qa = pd.DataFrame(rows, columns=QA_COLUMNS)
     quarantine = quarantine_frame(rejected)
     return qa, quarantine.sort_values("key", kind="stable").reset_index(drop=True)

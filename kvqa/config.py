@@ -250,25 +250,27 @@ class AugmentConfig(_Strict):
     catalog: Path = Path(__file__).resolve().parent.parent / "augment" / "artifacts.yaml"
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     workers: int = Field(default=0, ge=0)  # processes; 0 = one per core
-    chunk_size: int = Field(default=8, gt=0)  # images per task
+    # images per records batch: what a killed run can lose per worker (task runs are sized by `runner`)
+    chunk_size: int = Field(default=8, gt=0)
     contact_sheet_images: int = Field(default=4, ge=0)
 
 
 class RunnerConfig(_Strict):
     """Where the fan-out work runs; changes how fast, never what (outputs are byte-identical).
 
-    `local`: a process pool on this machine (`augment.workers`, `augment.chunk_size`). `dask`: Prefect tasks
-    on `prefect_dask.DaskTaskRunner`, on the cluster at `address` (a scheduler, `tcp://host:8786`) or, when
-    none is given, a `LocalCluster` of `n_workers` single-threaded processes. Work is cut into about
-    `chunks_per_worker` chunks per worker (each at least `min_chunk_images` images), so the number of task
-    runs is bounded by the workers, not by the images.
+    `local`: Prefect tasks on the default thread runner, each handing its chunk to a process pool of
+    `augment.workers` processes on this machine. `dask`: Prefect tasks on `prefect_dask.DaskTaskRunner`, on
+    the cluster at `address` (a scheduler, `tcp://host:8786`; `n_workers` is then the number of its workers
+    the work is cut for) or, when none is given, a `LocalCluster` of `n_workers` single-threaded processes.
+    Either way the work is cut into about `chunks_per_worker` task runs per worker (each at least one records
+    batch of `augment.chunk_size` images), so the number of task runs is bounded by the workers, not by the
+    images.
     """
 
     kind: Literal["local", "dask"] = "local"
     address: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9+.-]*://\S+$")
     n_workers: int = Field(default=2, ge=1)
-    chunks_per_worker: int = Field(default=4, ge=1)
-    min_chunk_images: int = Field(default=8, ge=1)
+    chunks_per_worker: int = Field(default=16, ge=1)
 
 
 class SplitConfig(_Strict):

@@ -49,6 +49,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import imagehash
 import numpy as np
@@ -57,6 +58,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from kvqa.config import DEFAULT_MAX_PIXELS, SourceConfig
+from kvqa.fanout import contiguous_chunks
 from kvqa.tables import file_digest, quarantine_frame
 from sources.common import bad_id
 
@@ -199,15 +201,18 @@ def images_with_boxes(facts: pd.DataFrame) -> set[tuple[str, str]]:
     return {(s, i) for s, i, b in zip(facts["source"], facts["img_id"], facts["boxes"]) if b is not None and len(b)}
 
 
-def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Check every (source, img_id) in `wanted` (the facts table); return (usable images, quarantined images)."""
+BatchMap = Callable[[Callable, list[list[dict]]], list]  # (fn, chunks) -> [fn(chunk) for chunk in chunks]
+
+
+def locate_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[list[dict], list[dict]]:
+    """Find the file of every (source, img_id) in `wanted`, in (source, img_id) order: (located rows to
+    check, quarantined rows). Cheap: names and folder listings only; `check_located` does the decoding."""
     by_name = {s.name: s for s in sources}
     boxed = images_with_boxes(wanted)
     trees = {s.name: image_index(Path(s.image_dir), s.image_extensions) for s in sources if s.recursive_images}
     keys = wanted[["source", "img_id"]].drop_duplicates().sort_values(["source", "img_id"])
-    ok, bad = [], []
-    for source, img_id in tqdm(list(keys.itertuples(index=False, name=None)), desc="check images",
-                               unit="img", mininterval=1.0, disable=len(keys) < 500):
+    located, bad = [], []
+    for order, (source, img_id) in enumerate(keys.itertuples(index=False, name=None)):
         src = by_name[source]
         why_bad = bad_id(img_id)  # never build a path from an id the readers would not have let through
         if why_bad:
@@ -217,22 +222,71 @@ def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple
             path = found[0] if len(found) == 1 else None
         else:
             found, path = [], find_image(Path(src.image_dir), img_id, src.image_extensions)
+        if why_bad:
+            err = ImageError("bad_id", why_bad)
+        elif len(found) > 1:
+            err = ImageError("ambiguous_image", f"{len(found)} files for {img_id}: {[str(p) for p in found]}")
+        elif path is None:
+            where = f"{src.image_dir} or its subfolders" if source in trees else str(src.image_dir)
+            err = ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {where}")
+        else:
+            located.append({"order": order, "source": source, "img_id": img_id, "path": str(path),
+                            "max_pixels": src.max_pixels, "boxed": (source, img_id) in boxed})
+            continue
+        bad.append(_quarantined(order, source, img_id, err, path))
+    return located, bad
+
+
+def _quarantined(order: int, source: str, img_id: str, err: ImageError, path) -> dict:
+    return {"order": order, "stage": STAGE, "source": source, "key": img_id, "reason": err.reason,
+            "detail": str(err), "raw": str(path or "")}
+
+
+def check_located(chunk: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Hash, fully decode and fingerprint a chunk of located images (the costly part of the inventory,
+    mapped over workers): (usable rows, quarantined rows), each with its `order`."""
+    ok, bad = [], []
+    for row in chunk:
+        path = Path(row["path"])
         try:
-            if why_bad:
-                raise ImageError("bad_id", why_bad)
-            if len(found) > 1:
-                raise ImageError("ambiguous_image", f"{len(found)} files for {img_id}: {[str(p) for p in found]}")
-            if path is None:
-                where = f"{src.image_dir} or its subfolders" if source in trees else str(src.image_dir)
-                raise ImageError("missing_image", f"no {img_id}{{{','.join(src.image_extensions)}}} in {where}")
-            checked = check_image(path, src.max_pixels)
-            if checked["orientation"] != 1 and (source, img_id) in boxed:
+            checked = check_image(path, row["max_pixels"])
+            if checked["orientation"] != 1 and row["boxed"]:
                 raise ImageError("rotated_image_with_boxes",
                                  f"{path.name} has EXIF orientation {checked['orientation']} (displayed "
                                  f"{checked['width']}x{checked['height']}) and boxes: no box source says whether "
                                  "they are drawn on the stored or the displayed pixels")
-            ok.append({"source": source, "img_id": img_id, "path": str(path), **checked})
+            ok.append({"order": row["order"], "source": row["source"], "img_id": row["img_id"],
+                       "path": str(path), **checked})
         except ImageError as err:
-            bad.append({"stage": STAGE, "source": source, "key": img_id, "reason": err.reason,
-                        "detail": str(err), "raw": str(path or "")})
-    return pd.DataFrame(ok, columns=IMAGE_COLUMNS), quarantine_frame(bad)
+            bad.append(_quarantined(row["order"], row["source"], row["img_id"], err, path))
+    return ok, bad
+
+
+def check_here(fn: Callable, chunks: list[list[dict]]) -> list:
+    """The in-process `BatchMap`, with a progress bar over the images."""
+    total = sum(map(len, chunks))
+    with tqdm(total=total, desc="check images", unit="img", mininterval=1.0, disable=total < 500) as bar:
+        results = []
+        for chunk in chunks:
+            results.append(fn(chunk))
+            bar.update(len(chunk))
+    return results
+
+
+def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig], *, chunks: int = 0,
+                     map_chunks: BatchMap = check_here) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Check every (source, img_id) in `wanted` (the facts table); return (usable images, quarantined images).
+
+    The located images are checked in `chunks` contiguous chunks (0: one per 64 images) through
+    `map_chunks` (in this process by default; the flows map them over Dask workers). Rows come back in
+    (source, img_id) order whichever way they were checked."""
+    located, bad = locate_images(wanted, sources)
+    parts = contiguous_chunks(located, chunks or -(-len(located) // 64))
+    ok = []
+    for good, failed in map_chunks(check_located, parts):
+        ok += good
+        bad += failed
+    ok.sort(key=lambda r: r["order"])
+    bad.sort(key=lambda r: r["order"])
+    return (pd.DataFrame(ok, columns=IMAGE_COLUMNS),
+            quarantine_frame(bad))

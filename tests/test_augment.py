@@ -220,6 +220,26 @@ def test_resume_skips_intact_variants_and_redoes_damaged_ones(real_frames, tmp_p
     assert {str(p.relative_to(run)) for p in (run / "augmented").rglob("*.jpg")} == set(other["output_path"])
 
 
+def test_a_chunk_killed_half_way_keeps_its_finished_batches(tmp_path):
+    """A task chunk holds many records batches (its size follows the workers, not the images): each batch
+    is persisted as it finishes, so a chunk that dies half way loses only the batch it was rendering."""
+    frames = sample_frames(6)
+    run = tmp_path / "run"
+    settings = RenderSettings(load_artifact_catalog(), 42, 95, run)
+
+    def dies_in_its_last_batch(chunks, settings):
+        (chunk,) = chunks  # 6 images, batches of 2, one task chunk
+        assert [len(b) for b in chunk] == [2, 2, 2]
+        chunk[-1][-1] = {k: v for k, v in chunk[-1][-1].items() if k != "path"}  # fails as a killed worker
+        return [render_chunk(chunk, settings)]
+
+    with pytest.raises(KeyError):
+        augment_images(frames, settings, chunk_size=2, tasks=1, run_chunks=dies_in_its_last_batch)
+    assert len(list((run / "augment/records").glob("chunk-*.parquet"))) == 2
+    records, _, _, rendered = augment_images(frames, settings, chunk_size=2, tasks=3, run_chunks=render_here)
+    assert rendered == 2 * 10 and len(records) == 60  # only the last batch is rendered again
+
+
 def test_release_has_an_augmented_config_and_swift_exports(sample_run, tmp_path):
     import datasets
 

@@ -1,15 +1,19 @@
-"""`runner: {kind: dask}`: the augmented track as Prefect tasks on a 2-worker Dask LocalCluster."""
+"""`runner: {kind: dask}`: the image inventory and the augmented track as Prefect tasks on a Dask LocalCluster."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from augment.track import sized_chunk
 from conftest import ROOT, run_cli, tree_digests
 from kvqa.config import SOURCE_PATH_KEYS, ConfigError, load_config
+from kvqa.fanout import contiguous_chunks, task_count
 
 
 def dask_config(tmp_path: Path, **runner) -> Path:
@@ -27,22 +31,64 @@ def dask_config(tmp_path: Path, **runner) -> Path:
 
 def test_augment_track_on_a_local_dask_cluster_is_byte_identical(sample_run, tmp_path):
     root = tmp_path / "runs"
-    proc = run_cli("augment", "--config", str(dask_config(tmp_path, n_workers=2, min_chunk_images=4)),
+    proc = run_cli("augment", "--config", str(dask_config(tmp_path, n_workers=2, chunks_per_worker=2)),
                    "--output-root", str(root))
-    assert "8 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
+    # 75 images = 10 records batches of 8, grouped for 2 workers x 2 chunks: 4 task runs (of 2-3 batches).
+    assert "augment: 4 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
+    # The image inventory (hash, full decode, fingerprint) fans out too: 75 images, 2 workers x 2 chunks.
+    assert "check-images: 4 chunks as Prefect tasks on Dask" in proc.stderr
     ours = root / "sample"
+    for table in ("images", "quarantine_images"):
+        assert (ours / f"stages/{table}.parquet").read_bytes() == (sample_run / f"stages/{table}.parquet").read_bytes()
     assert (ours / "stages/augmentations.parquet").read_bytes() == \
         (sample_run / "stages/augmentations.parquet").read_bytes()
     assert tree_digests(ours / "augmented") == tree_digests(sample_run / "augmented")
-    # 75 images, 2 workers x 4 chunks: at most 8 task runs (the local runner makes 10 of 8 images).
-    assert len(list((ours / "augment/records").glob("chunk-*.parquet"))) <= 8
+    # The records are persisted per batch, whatever the task chunks: the same files as the local runner's.
+    assert tree_digests(ours / "augment/records") == tree_digests(sample_run / "augment/records")
+
+
+PROBE = """
+import json, os
+os.environ.pop("PREFECT_API_URL", None)  # as a user runs kvqa: Prefect starts its temporary server
+from prefect import flow
+from flows.dask_runner import map_on_dask, prefect_api_url
+from kvqa.config import RunnerConfig
+
+@flow
+def probe():
+    return prefect_api_url(), map_on_dask(RunnerConfig(kind="dask", n_workers=1), "probe", os.getenv,
+                                          ["PREFECT_API_URL"])
+
+if __name__ == "__main__":
+    ours, (theirs,) = probe()
+    print(json.dumps([ours, theirs]))
+"""
+
+
+def test_local_cluster_workers_report_to_the_flows_prefect_server(tmp_path):
+    """Task runs execute on the workers: they must report to the flow's Prefect API. Before, a worker
+    without PREFECT_API_URL started a temporary server of its own (≈9 s of CPU each) and its task runs were
+    recorded there, out of the flow's sight."""
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ours.startswith("http://127.0.0.1") and theirs == ours
 
 
 def test_task_runs_bounded_by_workers_not_images():
+    batches = [[{"img_id": f"{i}-{j}"} for j in range(8)] for i in range(100_000 // 8)]
     for workers in (1, 2, 16, 64):
-        size = sized_chunk(100_000, workers, 4, 8)
-        assert -(-100_000 // size) <= 4 * workers
-    assert sized_chunk(10, 2, 4, 8) == 8  # small work: chunks keep their minimum size
+        tasks = task_count(len(batches), workers, 16)
+        chunks = contiguous_chunks(batches, tasks)
+        assert len(chunks) == tasks <= 16 * workers
+        assert [b for c in chunks for b in c] == batches  # every batch once, in order
+        assert max(map(len, chunks)) - min(map(len, chunks)) <= 1
+    assert task_count(3, 2, 16) == 3  # small work: never more task runs than batches
+    assert contiguous_chunks([], 4) == []
 
 
 def test_runner_config_validated(tmp_path):
@@ -51,3 +97,5 @@ def test_runner_config_validated(tmp_path):
         load_config(dask_config(tmp_path, address="10.0.0.5:8786"))
     with pytest.raises(ConfigError, match="runner"):
         load_config(dask_config(tmp_path, n_workers=0))
+    with pytest.raises(ConfigError, match="runner"):
+        load_config(dask_config(tmp_path, min_chunk_images=8))  # gone: the records batch is augment.chunk_size

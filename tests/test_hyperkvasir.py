@@ -7,6 +7,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -236,7 +237,7 @@ def _release_rows(release: Path) -> dict[str, str]:
     return release_row_digests(release)
 
 
-def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(tmp_path):
+def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(sample_run, tmp_path):
     catalog = tmp_path / "question_classes.yaml"
     catalog.write_text((ROOT / "prompts" / "question_classes.yaml").read_text())
     config = yaml.safe_load((ROOT / "data" / "configs" / "sample.yaml").read_text())
@@ -247,8 +248,15 @@ def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(tmp_path):
     config.update(run_name="ac", output_root=str(tmp_path / "runs"), catalog=str(catalog))
     cfg = tmp_path / "ac.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
-    run_cli("build", "--config", str(cfg))
+    # The session's sample build is this config's build (same inputs, seed and catalog bytes; the data
+    # stages' keys hold no path), so a copy of it stands for `kvqa build --config ac.yaml` (checked: the
+    # data stages are cached; the card, exports and report, which name the run, are redone).
     run = tmp_path / "runs" / "ac"
+    shutil.copytree(sample_run, run, symlinks=True)
+    (run / "run.json").write_text(json.dumps({"config": str(cfg)}))
+    built = run_cli("build", "--config", str(cfg)).stderr  # the same build: only what names the run is redone
+    for stage in ("sources", "generate", "dedup", "augment", "release"):
+        assert f"stage {stage:<9} cached" in built, stage
     before = _release_rows(run / "release")
     proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"), check=False)
     assert proc.returncode == 2 and "is not in the catalog" in proc.stderr and "Traceback" not in proc.stderr

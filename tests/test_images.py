@@ -189,3 +189,26 @@ def test_remove_orphan_temps_removes_what_atomic_path_leaves_and_nothing_else(tm
     assert remove_orphan_temps(run) == [orphan]
     assert not orphan.exists() and all(p.exists() for p in keep)
     assert remove_orphan_temps(tmp_path / "absent") == []
+
+
+def test_inventory_is_the_same_however_its_checks_are_chunked_and_ordered(tmp_path):
+    """The inventory's costly checks are mapped over chunks (on Dask, by workers finishing in any order):
+    the tables are the same rows in (source, img_id) order, quarantine included, for any chunking."""
+    for i in range(7):
+        Image.new("RGB", (64, 48), (10 * i, 20, 30)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "img3.png").write_bytes(b"not a png")  # unreadable: quarantined by the check
+    wanted = pd.DataFrame({"source": "kvasir-vqa", "img_id": [f"img{i}" for i in (6, 5, 4, 3, 2, 1, 0)]
+                           + ["gone", "../up"]})  # missing and bad ids: quarantined before any check
+    src = KvasirVQASource(metadata_csv=tmp_path / "m.csv", image_dir=tmp_path, image_extensions=(".png",))
+    one_by_one, bad_one = inventory_images(wanted, [src], chunks=1)
+
+    def backwards(fn, chunks):  # every chunk on its own, the last first
+        return [fn(c) for c in reversed(chunks)]
+
+    for chunks in (2, 3, 9):
+        images, bad = inventory_images(wanted, [src], chunks=chunks, map_chunks=backwards)
+        pd.testing.assert_frame_equal(images, one_by_one)
+        pd.testing.assert_frame_equal(bad, bad_one)
+    assert list(one_by_one.img_id) == ["img0", "img1", "img2", "img4", "img5", "img6"]
+    assert list(bad_one.key) == ["../up", "gone", "img3"]
+    assert list(bad_one.reason) == ["bad_id", "missing_image", "unreadable_image"]
