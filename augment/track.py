@@ -18,10 +18,10 @@ Augmentations table (`stages/augmentations.parquet`), one row per variant:
 Images are cut into batches of `chunk_size` (the unit of resumption): a batch renders all variants of its
 images (each image is decoded once and encoded n times) and writes its records to `augment/records/`, so a
 killed run keeps every finished batch. Batches are grouped into task chunks, about `chunks_per_worker` per
-worker (the unit of scheduling, `kvqa.fanout`), so the number of task runs is bounded by the workers, not by the images:
-100,000 images on 2 workers make 32 task runs, not 12,500. On a re-run a variant is skipped when its record
-plans the same steps, seeds and quality for the same input bytes and the file on disk still has the
-recorded digest.
+worker (the unit of scheduling, `kvqa.fanout`), so the number of task runs is bounded by the workers, not
+by the images: 100,000 images on 2 workers make 32 task runs, not 12,500. On a re-run a variant is skipped
+when its record plans the same steps, seeds and quality for the same input bytes and the file on disk
+still has the recorded digest.
 
 Worker processes. The pool starts its workers from a `forkserver`, never by forking the parent: the
 parent has usually run OpenCV already (the Kvasir-SEG mask reader's `connectedComponentsWithStats` starts
@@ -272,8 +272,8 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     return run
 
 
-def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8,
-                   tasks: int | None = None, run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
+def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8, tasks: int | None = None,
+                   run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
     """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
 
     `rendered` counts the variants rendered now rather than verified on disk (not a figure of the

@@ -109,7 +109,7 @@ def test_bad_input_is_quarantined_and_counts_reconcile(tmp_path):
     with open(csv_path, "a") as f:
         f.write("Polyps,Is there text?,yes\n")                                  # malformed row
         f.write(f"Polyps,Is the patient sedated?,yes,{ids[2]}\n")               # unknown question
-    cfg = write_config(tmp_path / "bad.yaml", csv_path, images, run_name="bad")
+    cfg = write_config(tmp_path / "bad.yaml", csv_path, images, run_name="bad", augment={"enabled": False})
     run_cli("build", "--config", str(cfg))
     run = tmp_path / "runs" / "bad"
     q = pd.read_parquet(run / "quarantine.parquet")

@@ -302,7 +302,8 @@ def test_release_flow_with_the_openai_backend(tmp_path):
 
     with OpenAIStandIn() as standin:
         cfg = write_config(tmp_path / "llm.yaml", SAMPLE_DIR / "metadata.csv", SAMPLE_DIR / "images",
-                           run_name="llm", generate={"backend": "openai", "llm": {
+                           run_name="llm", augment={"enabled": False},  # not what this test is about
+                           generate={"backend": "openai", "llm": {
                                "base_url": standin.url, "cache_dir": str(tmp_path / "cache"), "concurrency": 16}})
         run_cli("build", "--config", str(cfg))
         sent = standin.requests
