@@ -19,12 +19,12 @@ from prefect.cache_policies import NONE
 from augment import (RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk,
                      run_in_processes)
 from augment.track import ChunkResult
-from kvqa.fanout import task_count
 from flows.dask_runner import run_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from kvqa.config import Config, load_config
+from kvqa.fanout import task_count
 from kvqa.tables import atomic_path, read_table, write_table
 
 log = logging.getLogger("kvqa")

@@ -15,7 +15,6 @@ from prefect.cache_policies import NONE
 from flows.stage_cache import cached_stage, code_version, digests
 from kvqa.catalog import load_catalog
 from kvqa.config import Config
-from kvqa.fanout import task_count
 from kvqa.tables import file_digest, read_table, stable_hash, write_table
 from sources import read_sources, units_in_facts
 from sources.images import inventory_images
@@ -73,20 +72,19 @@ def image_listing(cfg: Config) -> list[str]:
     return out
 
 
-@task(cache_policy=NONE)
-def image_check_runner(cfg: Config, facts) -> dict:
+def image_check_runner(cfg: Config) -> dict:
     """`inventory_images` keyword arguments for the configured runner: in this process (`local`), or about
-    `chunks_per_worker` chunks per worker as Prefect task runs on Dask."""
+    `chunks_per_worker` chunks per worker (never more than the images) as Prefect task runs on Dask."""
     r = cfg.runner
     if r.kind != "dask":
         return {}
     from flows.dask_runner import map_on_dask  # distributed and the augment code: only when asked for
 
-    n_images = int(facts[["source", "img_id"]].drop_duplicates().shape[0])
-    return {"chunks": task_count(n_images, r.n_workers, r.chunks_per_worker),
+    return {"chunks": r.n_workers * r.chunks_per_worker,
             "map_chunks": lambda fn, chunks: map_on_dask(r, "check-images", fn, chunks)}
 
 
+@task(cache_policy=NONE)
 def check_images(cfg: Config, run_dir: Path) -> dict:
     key = {"code": code_version("sources"), "listing": image_listing(cfg),
            "sources": [s.model_dump(mode="json") for s in cfg.sources],
@@ -94,7 +92,7 @@ def check_images(cfg: Config, run_dir: Path) -> dict:
 
     def build():
         facts = read_table(run_dir / "stages/facts.parquet")
-        images, bad = inventory_images(facts, cfg.sources, **image_check_runner(cfg, facts))
+        images, bad = inventory_images(facts, cfg.sources, **image_check_runner(cfg))
         reconcile("images", int(facts[["source", "img_id"]].drop_duplicates().shape[0]), len(images), len(bad))
         write_table(images, run_dir / "stages/images.parquet")
         write_table(bad, run_dir / "stages/quarantine_images.parquet")

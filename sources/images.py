@@ -201,7 +201,7 @@ def images_with_boxes(facts: pd.DataFrame) -> set[tuple[str, str]]:
     return {(s, i) for s, i, b in zip(facts["source"], facts["img_id"], facts["boxes"]) if b is not None and len(b)}
 
 
-BatchMap = Callable[[Callable, list[list[dict]]], list]  # (fn, chunks) -> [fn(chunk) for chunk in chunks]
+ChunkMap = Callable[[Callable, list[list[dict]]], list]  # (fn, chunks) -> [fn(chunk) for chunk in chunks]
 
 
 def locate_images(wanted: pd.DataFrame, sources: list[SourceConfig]) -> tuple[list[dict], list[dict]]:
@@ -263,7 +263,7 @@ def check_located(chunk: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 def check_here(fn: Callable, chunks: list[list[dict]]) -> list:
-    """The in-process `BatchMap`, with a progress bar over the images."""
+    """The in-process `ChunkMap`, with a progress bar over the images."""
     total = sum(map(len, chunks))
     with tqdm(total=total, desc="check images", unit="img", mininterval=1.0, disable=total < 500) as bar:
         results = []
@@ -274,7 +274,7 @@ def check_here(fn: Callable, chunks: list[list[dict]]) -> list:
 
 
 def inventory_images(wanted: pd.DataFrame, sources: list[SourceConfig], *, chunks: int = 0,
-                     map_chunks: BatchMap = check_here) -> tuple[pd.DataFrame, pd.DataFrame]:
+                     map_chunks: ChunkMap = check_here) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Check every (source, img_id) in `wanted` (the facts table); return (usable images, quarantined images).
 
     The located images are checked in `chunks` contiguous chunks (0: one per 64 images) through
