@@ -9,11 +9,17 @@ artifact rather than deep inside a worker process.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no version check over the network at import
+# albumentations imports its torch integration (ToTensorV2) whenever torch is installed, inside
+# `suppress(ImportError)`: that is 2 of the 3.5 s its import takes, in every `kvqa` command, augment worker
+# and fork server, for a class the catalog never uses (it takes image-only and dual transforms). A None
+# entry in sys.modules makes that one import fail, as albumentations expects without torch.
+sys.modules.setdefault("albumentations.pytorch", None)  # type: ignore[arg-type]
 
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402

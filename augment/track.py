@@ -23,6 +23,11 @@ by the images: 100,000 images on 2 workers make 32 task runs, not 12,500. On a r
 when its record plans the same steps, seeds and quality for the same input bytes and the file on disk
 still has the recorded digest.
 
+The records stay on disk: the plan names, for each image, the records files that hold its variants (an
+index read from two columns), a batch reads its images' records itself (on the worker), chunks hand back
+counts, and the table is streamed from the batch files in row groups of `ROW_GROUP_ROWS`. The flow's
+process never holds the records of the whole track (1.1M variants of ~1.6 KB for all of HyperKvasir).
+
 Worker processes. The pool starts its workers from a `forkserver`, never by forking the parent: the
 parent has usually run OpenCV already (the Kvasir-SEG mask reader's `connectedComponentsWithStats` starts
 OpenCV's thread pool), and a forked child inherits that pool's locks without its threads, so its first
@@ -49,6 +54,8 @@ from typing import Callable
 
 import cv2
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from augment.catalog import ArtifactCatalog
@@ -56,10 +63,15 @@ from augment.render import (VERSIONS, AugmentImageError, apply_steps, decode_ima
                             plan_recipe)
 from kvqa.config import DEFAULT_MAX_PIXELS
 from kvqa.fanout import contiguous_chunks
-from kvqa.tables import atomic_path, quarantine_frame, read_table, remove_orphan_temps, stable_hash, write_table
+from kvqa.tables import (atomic_path, quarantine_frame, remove_orphan_temps, stable_hash, write_table,
+                         write_table_pieces)
 
 AUGMENT_COLUMNS = ["source", "img_id", "variant", "artifact", "input_sha256", "output_path", "output_sha256",
                    "width", "height", "mode", "n_bytes", "recipe"]
+AUGMENT_DTYPES = {**dict.fromkeys(AUGMENT_COLUMNS, "str"), "variant": "int32", "width": "int32", "height": "int32",
+                  "n_bytes": "int64"}
+# Rows per row group of the stage table: what the flow holds at once while writing it (~26 MB of records).
+ROW_GROUP_ROWS = 16_384
 RECORDS_DIR = "augment/records"
 STAGE = "augment"
 
@@ -81,9 +93,19 @@ class RenderSettings:
 
 @dataclass(frozen=True)
 class ChunkResult:
-    records: pd.DataFrame
+    """What a chunk hands back to the flow: counts and its quarantine; its records stay in their files."""
+
     quarantine: pd.DataFrame
+    images: int  # images augmented (the chunk's images less its quarantine)
     rendered: int  # variants rendered now (the others were verified on disk and kept)
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """Records as a frame of the table's column types (an empty batch too: its file has the same schema)."""
+    return pd.DataFrame(records, columns=AUGMENT_COLUMNS).astype(AUGMENT_DTYPES)
+
+
+AUGMENT_SCHEMA = pa.Schema.from_pandas(records_frame([]), preserve_index=False)
 
 
 def output_path(source: str, img_id: str, variant: int, artifact: str) -> str:
@@ -153,47 +175,67 @@ def chunk_file(batch: list[dict], settings: RenderSettings) -> str:
 def render_batch(batch: list[dict], settings: RenderSettings) -> ChunkResult:
     """Render (or verify) every variant of a batch's images and persist the batch's records.
 
-    Each item of `batch` is an image row (`source`, `img_id`, `path`) plus `prior`, its recorded variants.
-    An image that does not decode is quarantined here, with its reason; the batch goes on.
+    Each item of `batch` is an image row (`source`, `img_id`, `path`) plus `prior_files`, the records
+    files that hold its recorded variants (read here, on the worker). An image that does not decode is
+    quarantined here, with its reason; the batch goes on.
     """
+    prior = recorded_variants(batch, settings.run_dir)
     records, bad, rendered = [], [], 0
     for image in batch:
         try:
-            recs, n = render_image(image, image["prior"], settings, _TRANSFORMS)
+            recs, n = render_image(image, prior.get((image["source"], image["img_id"]), {}), settings, _TRANSFORMS)
             records += recs
             rendered += n
         except (AugmentImageError, OSError) as err:
             bad.append({"stage": STAGE, "source": image["source"], "key": image["img_id"],
                         "reason": getattr(err, "reason", "unreadable_image"), "detail": str(err),
                         "raw": image["path"]})
-    table = pd.DataFrame(records, columns=AUGMENT_COLUMNS)
-    write_table(table, settings.run_dir / chunk_file(batch, settings))
-    return ChunkResult(table, quarantine_frame(bad), rendered)
+    write_table(records_frame(records), settings.run_dir / chunk_file(batch, settings))
+    return ChunkResult(quarantine_frame(bad), len(batch) - len(bad), rendered)
+
+
+def merged(results: list[ChunkResult]) -> ChunkResult:
+    return ChunkResult(pd.concat([r.quarantine for r in results], ignore_index=True) if results else quarantine_frame([]),
+                       sum(r.images for r in results), sum(r.rendered for r in results))
 
 
 def render_chunk(chunk: list[list[dict]], settings: RenderSettings) -> ChunkResult:
     """Render a task's chunk: its batches one after the other, each persisted as it finishes."""
-    results = [render_batch(batch, settings) for batch in chunk]
-    return ChunkResult(pd.concat([r.records for r in results], ignore_index=True),
-                       pd.concat([r.quarantine for r in results], ignore_index=True),
-                       sum(r.rendered for r in results))
+    return merged([render_batch(batch, settings) for batch in chunk])
 
 
 def chunk_images(chunk: list[list[dict]]) -> int:
     return sum(map(len, chunk))
 
 
-def plan_batches(images: pd.DataFrame, run_dir: Path, batch_size: int) -> list[list[dict]]:
-    """Images in (source, img_id) order, cut in batches, each image carrying its recorded variants."""
+def recorded_files(run_dir: Path) -> dict[tuple[str, str], list[str]]:
+    """(source, img_id) -> the records files holding variants of that image, in name order; only the two
+    key columns are read."""
+    index: dict[tuple[str, str], list[str]] = {}
+    for f in sorted((run_dir / RECORDS_DIR).glob("chunk-*.parquet")):
+        keys = pq.read_table(f, columns=["source", "img_id"])
+        for key in set(zip(keys["source"].to_pylist(), keys["img_id"].to_pylist())):
+            index.setdefault(key, []).append(str(f.relative_to(run_dir)))
+    return index
+
+
+def recorded_variants(batch: list[dict], run_dir: Path) -> dict[tuple[str, str], dict[int, dict]]:
+    """The recorded variants of a batch's images, variant by variant; a later file (in name order) wins."""
+    keys = {(image["source"], image["img_id"]) for image in batch}
     prior: dict[tuple[str, str], dict[int, dict]] = {}
-    record_files = sorted((run_dir / RECORDS_DIR).glob("chunk-*.parquet"))
-    if record_files:
-        old = pd.concat([read_table(f) for f in record_files], ignore_index=True)
-        for rec in old.to_dict("records"):
-            prior.setdefault((rec["source"], rec["img_id"]), {})[int(rec["variant"])] = rec
+    for f in sorted({f for image in batch for f in image["prior_files"]}):
+        for rec in pq.read_table(run_dir / f).to_pylist():
+            if (rec["source"], rec["img_id"]) in keys:
+                prior.setdefault((rec["source"], rec["img_id"]), {})[int(rec["variant"])] = rec
+    return prior
+
+
+def plan_batches(images: pd.DataFrame, run_dir: Path, batch_size: int) -> list[list[dict]]:
+    """Images in (source, img_id) order, cut in batches, each image naming the files of its recorded variants."""
+    index = recorded_files(run_dir)
     rows = images.sort_values(["source", "img_id"])[["source", "img_id", "path"]].to_dict("records")
     for row in rows:
-        row["prior"] = prior.get((row["source"], row["img_id"]), {})
+        row["prior_files"] = index.get((row["source"], row["img_id"]), [])
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
@@ -272,13 +314,15 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     return run
 
 
-def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size: int = 8, tasks: int | None = None,
-                   run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, int]:
-    """Render the augmented track of `images`; return (augmentations table, quarantine, figures, rendered).
+def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, *, chunk_size: int = 8,
+                   tasks: int | None = None, run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, dict, int]:
+    """Render the augmented track of `images`, write its table to `table`; return (quarantine, figures,
+    rendered).
 
     `rendered` counts the variants rendered now rather than verified on disk (not a figure of the
     release: it differs between a fresh and a resumed run). Images are persisted in batches of
     `chunk_size`; `run_chunks` gets the batches grouped in `tasks` chunks (default: one chunk per batch).
+    The table is the batches' records files in batch order, which is (source, img_id, variant) order.
 
     Leaves exactly this run's variants under `augmented/` and this run's records under `augment/records/`
     (files from a previous catalog or image set, and temporary files a killed run left, are removed), so
@@ -289,20 +333,17 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, *, chunk_size
         remove_orphan_temps(run_dir / folder)
     batches = plan_batches(images, run_dir, chunk_size)
     chunks = contiguous_chunks(batches, tasks or len(batches))
-    results = (run_chunks or run_in_processes(0))(chunks, settings)
-    records = pd.concat([r.records for r in results], ignore_index=True) if results else \
-        pd.DataFrame(columns=AUGMENT_COLUMNS)
-    records = records.sort_values(["source", "img_id", "variant"], kind="stable").reset_index(drop=True)
-    records = records.astype({"variant": "int32", "width": "int32", "height": "int32", "n_bytes": "int64"})
-    quarantine = pd.concat([r.quarantine for r in results], ignore_index=True) if results else quarantine_frame([])
-    keep_records = {chunk_file(b, settings) for b in batches}
+    result = merged((run_chunks or run_in_processes(0))(chunks, settings))
+    files = [chunk_file(b, settings) for b in batches]
+    variants = write_table_pieces((pq.read_table(run_dir / f) for f in files), table, AUGMENT_SCHEMA, ROW_GROUP_ROWS)
+    keep_records = set(files)
     for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()
-    keep_files = set(records["output_path"])
+    keep_files = set(pq.read_table(table, columns=["output_path"])["output_path"].to_pylist())
     for f in (run_dir / "augmented").rglob("*.jpg") if (run_dir / "augmented").is_dir() else []:
         if str(f.relative_to(run_dir)) not in keep_files:
             f.unlink()
-    figures = {"images": len(images), "augmented_images": int(records[["source", "img_id"]].drop_duplicates().shape[0]),
-               "variants": len(records), "quarantined": len(quarantine), "artifacts": [a.name for a in settings.catalog.artifacts]}
-    return records, quarantine, figures, sum(r.rendered for r in results)
+    figures = {"images": len(images), "augmented_images": result.images, "variants": variants,
+               "quarantined": len(result.quarantine), "artifacts": [a.name for a in settings.catalog.artifacts]}
+    return result.quarantine, figures, result.rendered

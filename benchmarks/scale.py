@@ -61,9 +61,10 @@ def time_augment(images: pd.DataFrame, run_dir: Path, workers: int, cpw: int, ru
     settings = RenderSettings(load_artifact_catalog(), 42, 95, run_dir)
     tasks = task_count(-(-len(images) // BATCH), workers, cpw)
     t0 = time.perf_counter()
-    records, _, _, rendered = augment_images(images, settings, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
+    table = run_dir / "stages" / "augmentations.parquet"
+    _, _, rendered = augment_images(images, settings, table, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
     assert rendered == len(images) * len(settings.catalog.artifacts)
-    return time.perf_counter() - t0, records.to_csv(index=False).encode()
+    return time.perf_counter() - t0, table.read_bytes()
 
 
 def augment_figures(n: int, tmp: Path, cpw: int) -> dict:

@@ -25,7 +25,7 @@ from flows.run_state import run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from kvqa.config import Config, load_config
 from kvqa.fanout import task_count
-from kvqa.tables import atomic_path, read_table, write_table
+from kvqa.tables import atomic_path, first_rows, read_table, write_table
 
 log = logging.getLogger("kvqa")
 CONTACT_SHEET = "augment/contact-sheet.png"
@@ -66,14 +66,15 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
         settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir, max(s.max_pixels for s in cfg.sources))
         if not a.enabled:
             images = images.iloc[:0]
-        records, bad, figures, rendered = augment_images(images, settings, **chunk_runner(cfg, len(images)))
+        table = run_dir / "stages/augmentations.parquet"
+        bad, figures, rendered = augment_images(images, settings, table, **chunk_runner(cfg, len(images)))
         reconcile("images through augment", len(images), figures["augmented_images"], len(bad))
-        reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), len(records))
-        log.info("augment: %d variants rendered, %d verified on disk", rendered, len(records) - rendered)
-        write_table(records, run_dir / "stages/augmentations.parquet")
+        reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), figures["variants"])
+        log.info("augment: %d variants rendered, %d verified on disk", rendered, figures["variants"] - rendered)
         write_table(bad, run_dir / "stages/quarantine_augment.parquet")
         outputs = ["stages/augmentations.parquet", "stages/quarantine_augment.parquet"]
-        sheet = contact_sheet(records, images, run_dir, a.contact_sheet_images)
+        shown = first_rows(table, a.contact_sheet_images * len(catalog.artifacts))  # the first images' variants
+        sheet = contact_sheet(shown, images, run_dir, a.contact_sheet_images)
         (run_dir / CONTACT_SHEET).unlink(missing_ok=True)
         if sheet is not None:
             with atomic_path(run_dir / CONTACT_SHEET) as tmp:

@@ -21,15 +21,18 @@ from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, encoder_f
                    cross_split_leakage, deduplicate, question_vectors)
 from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
+from flows.dask_runner import map_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
+from generate.realize import image_chunks, in_plan_order, realize_chunk
 from generate.prompts import PROMPTS_DIR
 from generate.quality import empty_release_problem, rejection_problem
 from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
 from kvqa.errors import RunRejected
+from kvqa.fanout import task_count
 from kvqa.tables import file_digest, quarantine_frame, read_table, write_json, write_table, write_text
 from publish import assign_splits, render_card, write_release
 from publish.release import augmented_rows, release_rows, unreleased_rows, write_augmented_release
@@ -83,9 +86,18 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     def build():
         facts = read_table(run_dir / "stages/facts.parquet")
         plans = read_table(run_dir / "stages/plans.parquet")
-        backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
-                               batch_dir=run_dir / "batch")
-        qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
+        if cfg.runner.kind == "dask" and cfg.generate.backend == "template":
+            # LLM backends stay in this process: their requests are concurrent already, and one client
+            # holds the cache, the rate limits and the endpoint routing.
+            chunks = image_chunks(plans, facts, task_count(len(plans), cfg.runner.n_workers,
+                                                           cfg.runner.chunks_per_worker))
+            parts = map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed)
+            qa, rejected = in_plan_order(plans, parts)
+            backend = None
+        else:
+            backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
+                                   batch_dir=run_dir / "batch")
+            qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
         reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")

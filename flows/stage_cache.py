@@ -18,6 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+from prefect.context import TaskRunContext
+
 from kvqa.config import PROJECT_ROOT
 from kvqa.errors import StageFailed
 from kvqa.tables import file_digest, stable_hash, write_json
@@ -88,10 +90,19 @@ def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[
     missing = [o for o in outputs if not (run_dir / o).is_file()]
     if missing:
         raise RuntimeError(f"stage {name} did not write {missing}")
-    write_json({"key": digest, "outputs": {o: file_digest(run_dir / o) for o in outputs}, "summary": summary},
-               marker)
+    write_json({"key": digest, "outputs": {o: file_digest(run_dir / o) for o in outputs}, "summary": summary,
+                "prefect": prefect_task_run()}, marker)
     log.info("stage %-9s done: %s", name, json.dumps(summary, sort_keys=True)[:200])
     return summary
+
+
+def prefect_task_run() -> dict | None:
+    """The Prefect task run this stage ran in (its logs and timings are there), or None outside one: every
+    stage of a flow is its own task, so None in a marker written by a flow is a wiring mistake."""
+    ctx = TaskRunContext.get()
+    if ctx is None:
+        return None
+    return {"task": ctx.task.name, "task_run": str(ctx.task_run.id), "flow_run": str(ctx.task_run.flow_run_id)}
 
 
 def bytes_written_since(folder: Path, since: float) -> int:

@@ -32,6 +32,7 @@ import json
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -40,7 +41,7 @@ from generate.grounding import GroundingChecker
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig, LLMConfig
-from kvqa.tables import plain_boxes, quarantine_frame
+from kvqa.tables import plain_boxes, quarantine_frame, stable_hash
 
 QA_COLUMNS = ["qa_id", "paraphrase_of", "source", "img_id", "source_label", "complexity", "question", "answer", "original",
               "question_class", "generator", "generator_version", "prompt_hash", "boxes"]
@@ -154,3 +155,38 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
     qa = pd.DataFrame(rows, columns=QA_COLUMNS)
     quarantine = quarantine_frame(rejected)
     return qa, quarantine.sort_values("key", kind="stable").reset_index(drop=True)
+
+
+# --- Realization in chunks (the Dask runner's fan-out) --------------------------------------------------
+
+def image_chunks(plans: pd.DataFrame, facts: pd.DataFrame, n_chunks: int) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """(plans, facts) of `n_chunks` chunks keyed by a hash of (source, img_id): an image's plans and facts
+    travel together, and which chunk an image falls in depends on the image alone, not on the order or
+    number of the others. Empty chunks are left out."""
+    def chunk_ids(frame: pd.DataFrame) -> np.ndarray:
+        return np.array([int(stable_hash(s, i)[:8], 16) % n_chunks for s, i in zip(frame["source"], frame["img_id"])],
+                        dtype=np.int64)
+
+    plan_ids, fact_ids = chunk_ids(plans), chunk_ids(facts)
+    return [(plans[plan_ids == k].reset_index(drop=True), facts[fact_ids == k].reset_index(drop=True))
+            for k in range(n_chunks) if (plan_ids == k).any()]
+
+
+def realize_chunk(chunk: tuple[pd.DataFrame, pd.DataFrame], config: GenerateConfig, catalog: Catalog,
+                  seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`realize_plans` on one chunk, with a backend of its own (a worker process builds it from the config;
+    the template backend draws per plan, so the rows do not depend on the chunk)."""
+    plans, facts = chunk
+    return realize_plans(plans, facts, make_backend(config, catalog, seed), GroundingChecker(catalog))
+
+
+def in_plan_order(plans: pd.DataFrame, parts: list[tuple[pd.DataFrame, pd.DataFrame]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The chunks' (qa rows, quarantined plans) merged as `realize_plans` over all plans returns them: rows
+    in plan order (a plan's paraphrases after it, as realized), the quarantine by plan id."""
+    rows = [qa for qa, _ in parts if len(qa)] or [pd.DataFrame(columns=QA_COLUMNS)]
+    qa = pd.concat(rows, ignore_index=True)
+    position = pd.Series(np.arange(len(plans)), index=plans["plan_id"])
+    own = qa["paraphrase_of"].where(qa["paraphrase_of"] != "", qa["qa_id"])
+    qa = qa.iloc[np.argsort(position.loc[own].to_numpy(), kind="stable")].reset_index(drop=True)
+    bad = [q for _, q in parts if len(q)] or [quarantine_frame([])]
+    return qa, pd.concat(bad, ignore_index=True).sort_values("key", kind="stable").reset_index(drop=True)

@@ -13,7 +13,7 @@ import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -75,8 +75,47 @@ def write_table(df: pd.DataFrame, path: Path, schema: pa.Schema | None = None) -
     return Path(path)
 
 
+def write_table_pieces(pieces: Iterable[pa.Table], path: Path, schema: pa.Schema, row_group_rows: int) -> int:
+    """Write a table that arrives in pieces as zstd parquet, atomically, never holding more than one row
+    group of it; return its rows.
+
+    Row groups hold exactly `row_group_rows` rows (the last fewer) whatever the pieces, and each is one
+    chunk when written (see `write_table`), so the same rows give the same bytes however they were cut;
+    a table of at most `row_group_rows` rows gives `write_table`'s bytes."""
+    rows, pending = 0, []
+
+    def flush(limit: int | None) -> list[pa.Table]:
+        whole = pa.concat_tables(pending).combine_chunks()
+        n = whole.num_rows if limit is None else limit
+        writer.write_table(whole.slice(0, n))
+        return [whole.slice(n)] if n < whole.num_rows else []
+
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for piece in pieces:
+            if piece.num_rows:  # an empty piece would otherwise make a row group of its own
+                pending.append(piece.select(schema.names).cast(schema))
+                rows += piece.num_rows
+            while sum(t.num_rows for t in pending) >= row_group_rows:
+                pending = flush(row_group_rows)
+        if pending or not rows:
+            pending = pending or [schema.empty_table()]
+            flush(None)
+    return rows
+
+
 def read_table(path: Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
+
+
+def first_rows(path: Path, n: int) -> pd.DataFrame:
+    """The first `n` rows of a parquet table, reading no more row groups than they need."""
+    parts, left = [], n
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=max(n, 1)) if n > 0 else ():
+        parts.append(batch.slice(0, left))
+        left -= parts[-1].num_rows
+        if left <= 0:
+            break
+    return pa.Table.from_batches(parts, pq.read_schema(path)).to_pandas()
 
 
 def write_json(obj: object, path: Path) -> Path:

@@ -47,6 +47,34 @@ def test_augment_track_on_a_local_dask_cluster_is_byte_identical(sample_run, tmp
     assert tree_digests(ours / "augment/records") == tree_digests(sample_run / "augment/records")
 
 
+def test_template_realization_in_chunks_and_on_dask_is_byte_identical(sample_run, tmp_path):
+    """Realization and grounding fan out in chunks keyed by a hash of (source, img_id): whatever the
+    number of chunks, the order they finish in, or the worker, the tables are the local build's bytes."""
+    from flows.dask_runner import map_on_dask
+    from generate.realize import image_chunks, in_plan_order, realize_chunk
+    from kvqa.catalog import load_catalog
+    from kvqa.tables import read_table, write_table
+
+    cfg = load_config(dask_config(tmp_path, n_workers=2))
+    catalog = load_catalog(cfg.catalog)
+    facts, plans = (read_table(sample_run / f"stages/{name}.parquet") for name in ("facts", "plans"))
+
+    def same_tables(parts, name):
+        qa, rejected = in_plan_order(plans, parts)
+        write_table(qa, tmp_path / name / "qa.parquet")
+        write_table(rejected, tmp_path / name / "quarantine_generate.parquet")
+        for table in ("qa", "quarantine_generate"):
+            assert (tmp_path / name / f"{table}.parquet").read_bytes() == \
+                (sample_run / f"stages/{table}.parquet").read_bytes(), (name, table)
+
+    for n in (1, 7):
+        chunks = image_chunks(plans, facts, n)
+        assert sorted(p for c, _ in chunks for p in c["plan_id"]) == sorted(plans["plan_id"])
+        same_tables([realize_chunk(c, cfg.generate, catalog, cfg.seed) for c in reversed(chunks)], f"local{n}")
+    chunks = image_chunks(plans, facts, 4)
+    same_tables(map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed), "dask")
+
+
 PROBE = """
 import json, os
 os.environ.pop("PREFECT_API_URL", None)  # as a user runs kvqa: Prefect starts its temporary server

@@ -99,6 +99,18 @@ def test_killed_run_resumes_to_the_same_bytes_and_a_rerun_is_cached(sample_run, 
     _same_run(root / "sample", sample_run)
 
 
+def test_every_stage_of_a_build_ran_as_its_own_prefect_task_run(sample_run):
+    """A stage wired as a plain function (the images stage once lost its @task to a helper inserted under
+    the decorator) writes the same outputs, so only its marker can show it: every marker names the Prefect
+    task run that wrote it (its logs and timings are there), one task run per stage."""
+    markers = {p.name.removesuffix(".done.json"): json.loads(p.read_text())
+               for p in (sample_run / "stages").glob("*.done.json")}
+    runs = {stage: marker["prefect"] for stage, marker in markers.items()}
+    assert len(runs) == 14 and not [stage for stage, run in runs.items() if not run]
+    assert len({run["task_run"] for run in runs.values()}) == len(runs)
+    assert {runs[stage]["task"] for stage in ("images", "augment")} == {"check_images", "augment_stage"}
+
+
 def test_bad_input_is_quarantined_and_counts_reconcile(tmp_path):
     csv_path, images = copy_sample(tmp_path / "sample")
     ids = sorted(p.stem for p in images.glob("*.jpg"))

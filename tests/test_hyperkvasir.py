@@ -249,14 +249,11 @@ def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(sample_run
     cfg = tmp_path / "ac.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
     # The session's sample build is this config's build (same inputs, seed and catalog bytes; the data
-    # stages' keys hold no path), so a copy of it stands for `kvqa build --config ac.yaml` (checked: the
-    # data stages are cached; the card, exports and report, which name the run, are redone).
+    # stages' keys hold no path), so a copy of it stands for `kvqa build --config ac.yaml`: add-class
+    # redoes what names the run (card, exports, report) with what the new class changes.
     run = tmp_path / "runs" / "ac"
     shutil.copytree(sample_run, run, symlinks=True)
     (run / "run.json").write_text(json.dumps({"config": str(cfg)}))
-    built = run_cli("build", "--config", str(cfg)).stderr  # the same build: only what names the run is redone
-    for stage in ("sources", "generate", "dedup", "augment", "release"):
-        assert f"stage {stage:<9} cached" in built, stage
     before = _release_rows(run / "release")
     proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"), check=False)
     assert proc.returncode == 2 and "is not in the catalog" in proc.stderr and "Traceback" not in proc.stderr
