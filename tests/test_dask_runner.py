@@ -47,32 +47,64 @@ def test_augment_track_on_a_local_dask_cluster_is_byte_identical(sample_run, tmp
     assert tree_digests(ours / "augment/records") == tree_digests(sample_run / "augment/records")
 
 
+REALIZE_ON_DASK = """
+import logging
+import sys
+from pathlib import Path
+
+from flows.dask_runner import map_on_dask
+from generate.realize import image_chunks, in_plan_order, realize_chunk
+from kvqa.catalog import load_catalog
+from kvqa.config import load_config
+from kvqa.tables import read_table, write_table
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, force=True)  # prefect has configured the root logger
+    cfg, run, out = load_config(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    catalog = load_catalog(cfg.catalog)
+    facts, plans = (read_table(run / f"stages/{name}.parquet") for name in ("facts", "plans"))
+    chunks = image_chunks(plans, facts, 4)
+    qa, rejected = in_plan_order(plans, map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate,
+                                                    catalog, cfg.seed))
+    write_table(qa, out / "qa.parquet")
+    write_table(rejected, out / "quarantine_generate.parquet")
+"""
+
+
 def test_template_realization_in_chunks_and_on_dask_is_byte_identical(sample_run, tmp_path):
     """Realization and grounding fan out in chunks keyed by a hash of (source, img_id): whatever the
-    number of chunks, the order they finish in, or the worker, the tables are the local build's bytes."""
-    from flows.dask_runner import map_on_dask
+    number of chunks, the order they finish in, or the worker, the tables are the local build's bytes.
+    The Dask run is a process of its own: a flow run here would leave Prefect's services in the test
+    process, and a later test that forks it (a `fork` pool) would hang in the child."""
     from generate.realize import image_chunks, in_plan_order, realize_chunk
     from kvqa.catalog import load_catalog
     from kvqa.tables import read_table, write_table
 
-    cfg = load_config(dask_config(tmp_path, n_workers=2))
+    config = dask_config(tmp_path, n_workers=2)
+    cfg = load_config(config)
     catalog = load_catalog(cfg.catalog)
     facts, plans = (read_table(sample_run / f"stages/{name}.parquet") for name in ("facts", "plans"))
 
-    def same_tables(parts, name):
-        qa, rejected = in_plan_order(plans, parts)
-        write_table(qa, tmp_path / name / "qa.parquet")
-        write_table(rejected, tmp_path / name / "quarantine_generate.parquet")
+    def same_tables(folder: Path) -> None:
         for table in ("qa", "quarantine_generate"):
-            assert (tmp_path / name / f"{table}.parquet").read_bytes() == \
-                (sample_run / f"stages/{table}.parquet").read_bytes(), (name, table)
+            assert (folder / f"{table}.parquet").read_bytes() == \
+                (sample_run / f"stages/{table}.parquet").read_bytes(), (folder.name, table)
 
     for n in (1, 7):
         chunks = image_chunks(plans, facts, n)
         assert sorted(p for c, _ in chunks for p in c["plan_id"]) == sorted(plans["plan_id"])
-        same_tables([realize_chunk(c, cfg.generate, catalog, cfg.seed) for c in reversed(chunks)], f"local{n}")
-    chunks = image_chunks(plans, facts, 4)
-    same_tables(map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed), "dask")
+        qa, rejected = in_plan_order(plans, [realize_chunk(c, cfg.generate, catalog, cfg.seed) for c in reversed(chunks)])
+        write_table(qa, tmp_path / f"local{n}" / "qa.parquet")
+        write_table(rejected, tmp_path / f"local{n}" / "quarantine_generate.parquet")
+        same_tables(tmp_path / f"local{n}")
+    script = tmp_path / "realize_on_dask.py"
+    script.write_text(REALIZE_ON_DASK)
+    proc = subprocess.run([sys.executable, str(script), str(config), str(sample_run), str(tmp_path / "dask")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "realize: 4 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
+    same_tables(tmp_path / "dask")
 
 
 PROBE = """
