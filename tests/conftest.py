@@ -27,6 +27,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("KVQA_EMBED_CACHE", tempfile.mkdtemp(prefix="kvqa-embed-cache-"))
 
 
+# The suite must end in the process that started it. An in-process `kvqa build` (typer's CliRunner)
+# without KVQA_NO_SUPERVISOR forks the test process (flows/supervise.py): the rest of the suite then ran in
+# the child, passed, and hung at exit in it.
+SESSION_PID = os.getpid()
+
+
+def pytest_sessionfinish(session):
+    if os.getpid() != SESSION_PID:
+        print(f"\nthe test session ended in process {os.getpid()}, a fork of {SESSION_PID}: a test ran a `kvqa` "
+              "command in this process without KVQA_NO_SUPERVISOR=1", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -367,6 +367,8 @@ def test_bad_explanation_phrasings_are_one_line_errors_before_the_run(tmp_path):
         cfg = tmp_path / f"c-{name}"
         cfg.write_text(yaml.safe_dump({**config, "output_root": str(tmp_path / "runs"),
                                        "explain": {"phrasings": str(tmp_path / name)}}))
-        result = CliRunner().invoke(app, ["build", "--config", str(cfg)])
+        # In this process: without KVQA_NO_SUPERVISOR `build` forks it (flows/supervise.py), and the rest
+        # of the suite went on in the child, which could hang at exit.
+        result = CliRunner().invoke(app, ["build", "--config", str(cfg)], env={"KVQA_NO_SUPERVISOR": "1"})
         assert result.exit_code == 2 and words in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / "runs").exists()
