@@ -93,16 +93,17 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
                                                            cfg.runner.chunks_per_worker))
             parts = map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed)
             qa, rejected = in_plan_order(plans, parts)
-            backend = None
+            usage = {}  # the template backend sends no requests
         else:
             backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
                                    batch_dir=run_dir / "batch")
             qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
+            usage = getattr(backend, "usage", {})
         reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
-                 "llm_usage": getattr(backend, "usage", {})},
+                 "llm_usage": usage},
                 ["stages/qa.parquet", "stages/quarantine_generate.parquet"])
 
     return cached_stage(run_dir, "generate", key, build)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,22 +53,12 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.dask_runner import map_on_dask
-from generate.realize import image_chunks, in_plan_order, realize_chunk
-from kvqa.catalog import load_catalog
+from flows.build_release import realize_pairs
 from kvqa.config import load_config
-from kvqa.tables import read_table, write_table
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, force=True)  # prefect has configured the root logger
-    cfg, run, out = load_config(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
-    catalog = load_catalog(cfg.catalog)
-    facts, plans = (read_table(run / f"stages/{name}.parquet") for name in ("facts", "plans"))
-    chunks = image_chunks(plans, facts, 4)
-    qa, rejected = in_plan_order(plans, map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate,
-                                                    catalog, cfg.seed))
-    write_table(qa, out / "qa.parquet")
-    write_table(rejected, out / "quarantine_generate.parquet")
+    realize_pairs.fn(load_config(sys.argv[1]), Path(sys.argv[2]))  # the generate stage, as the flow runs it
 """
 
 
@@ -80,7 +71,7 @@ def test_template_realization_in_chunks_and_on_dask_is_byte_identical(sample_run
     from kvqa.catalog import load_catalog
     from kvqa.tables import read_table, write_table
 
-    config = dask_config(tmp_path, n_workers=2)
+    config = dask_config(tmp_path, n_workers=2, chunks_per_worker=2)
     cfg = load_config(config)
     catalog = load_catalog(cfg.catalog)
     facts, plans = (read_table(sample_run / f"stages/{name}.parquet") for name in ("facts", "plans"))
@@ -97,14 +88,18 @@ def test_template_realization_in_chunks_and_on_dask_is_byte_identical(sample_run
         write_table(qa, tmp_path / f"local{n}" / "qa.parquet")
         write_table(rejected, tmp_path / f"local{n}" / "quarantine_generate.parquet")
         same_tables(tmp_path / f"local{n}")
+    run = tmp_path / "dask"
+    (run / "stages").mkdir(parents=True)
+    for name in ("facts", "plans"):
+        shutil.copy(sample_run / f"stages/{name}.parquet", run / f"stages/{name}.parquet")
     script = tmp_path / "realize_on_dask.py"
     script.write_text(REALIZE_ON_DASK)
-    proc = subprocess.run([sys.executable, str(script), str(config), str(sample_run), str(tmp_path / "dask")],
+    proc = subprocess.run([sys.executable, str(script), str(config), str(run)],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "realize: 4 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
-    same_tables(tmp_path / "dask")
+    same_tables(run / "stages")
 
 
 PROBE = """
