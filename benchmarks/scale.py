@@ -8,12 +8,16 @@ over two servers, one killed half way.
   clock starts with the Prefect server up and the code imported in every worker (an existing cluster after
   its first job; the local fork server after its first pool); the cold start is reported apart.
   Parallel efficiency = T(1 worker) / (2 x T(2 workers)); runner ratio = T(dask, 2) / T(local, 2).
+- embed: N distinct question texts (template questions of the real slice, scaled) encoded from an empty
+  cache in the dedup stage's blocks of 512: in the flow's process (torch on both cores), and on a Dask
+  `LocalCluster` of 1 and of 2 single-threaded workers (`flows.dask_runner.embed_on_dask`), each worker's
+  model loaded before the clock starts. Same vectors bit for bit on all three (checked).
 - task runs for 100,000 images (counted from the chunking, not run), per worker count.
 - LLM: two stand-in servers (own processes) answering after 1 s, concurrency 128 each; wall time against
   the ideal n / 256 x 1 s; then a fresh run with one server killed half way: accepted / rejected plans,
   and a re-run that must send only the missing requests. Client CPU per request from the first run.
 
-    .venv/bin/python benchmarks/scale.py [--quick]
+    .venv/bin/python benchmarks/scale.py [--quick] [--parts augment,embed,llm]
 """
 
 from __future__ import annotations
@@ -35,14 +39,16 @@ from _common import ROOT, base_csv, print_json, print_table, scale_metadata  # n
 from augment.catalog import load_artifact_catalog  # noqa: E402
 from augment.track import RenderSettings, augment_images, run_in_processes  # noqa: E402
 from kvqa.fanout import task_count  # noqa: E402
-from generate import compose_plans  # noqa: E402
+from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question  # noqa: E402
+from dedup.embed import encode_blocks_on_worker, text_blocks  # noqa: E402
+from generate import GroundingChecker, compose_plans, make_backend, realize_plans  # noqa: E402
 from generate.llm import ComposeReply, LLMClient, facts_json  # noqa: E402
 from generate.llm_cache import RequestCache  # noqa: E402
 from generate.openai_backend import OpenAITransport  # noqa: E402
 from generate.prompts import load_prompt  # noqa: E402
 from generate.realize import plan_inputs  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
-from kvqa.config import KvasirVQASource, LLMConfig, PlanConfig, RunnerConfig  # noqa: E402
+from kvqa.config import DedupConfig, GenerateConfig, KvasirVQASource, LLMConfig, PlanConfig, RunnerConfig  # noqa: E402
 from sources import read_sources  # noqa: E402
 
 LATENCY_S = 1.0
@@ -99,6 +105,59 @@ def augment_figures(n: int, tmp: Path, cpw: int) -> dict:
             "parallel_efficiency_2_vs_1": round(times["dask_1"] / (2 * times["dask_2"]), 3),
             "dask_vs_local_ratio": round(times["dask_2"] / times["local_2"], 3),
             "records_identical": outputs[1] == outputs[2] == local_out, **cold}
+
+
+def bench_texts(n: int, tmp: Path) -> list[str]:
+    """`n` distinct normalised questions of the template backend over the real slice, scaled."""
+    catalog = load_catalog()
+    scale_metadata(base_csv(), tmp / "embed.csv", 60_000)
+    facts = read_sources([KvasirVQASource(metadata_csv=tmp / "embed.csv", image_dir=tmp)], catalog).facts
+    qa, _ = realize_plans(compose_plans(facts, PlanConfig(), 42), facts, make_backend(GenerateConfig(), catalog, 42),
+                          GroundingChecker(catalog))
+    distinct = sorted(set(normalise_question(q) for q in qa["question"]))
+    assert len(distinct) >= n, f"only {len(distinct)} distinct questions"
+    return distinct[:: len(distinct) // n][:n]  # spread over the sorted texts, not their first letters
+
+
+def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
+    import numpy as np
+    from distributed import Client, LocalCluster
+    from prefect import flow
+
+    from flows.dask_runner import embed_on_dask
+
+    texts, config = bench_texts(n, tmp), DedupConfig()
+    times, vectors = {}, {}
+    flow(name="prefect-api-up")(lambda: None)()  # Prefect's temporary server starts here, not in a figure
+
+    def timed(label: str, run_blocks=None) -> None:
+        encoder = encoder_for(config)
+        if run_blocks is None:
+            encoder.encode(["warm up"])  # the model loaded before the clock starts, as in the workers
+        t0 = time.perf_counter()
+        vectors[label] = embed_texts(texts, encoder, EmbeddingCache(tmp / f"embed-{label}", encoder.model_id),
+                                     run_blocks)
+        times[label] = time.perf_counter() - t0
+        print(f"embed: {label} {times[label]:.1f} s", file=sys.stderr)
+
+    timed("local")
+    cold = {}
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+            with Client(c) as client:  # every worker loads its model (process_encoder) before the clock starts
+                client.run(__import__, "flows.dask_runner")
+                client.run(encode_blocks_on_worker, [["warm up"]], config, None)
+            runner = RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers, chunks_per_worker=cpw)
+            run = embed_on_dask(runner, config, tmp / f"embed-dask_{workers}")
+            run([[f"warm up {i}"] for i in range(4)])  # each worker's first Prefect task run, off the clock
+            cold[f"dask_{workers}_start_s"] = round(time.perf_counter() - t0, 2)
+            timed(f"dask_{workers}", run)
+    return {"texts": n, "blocks": len(text_blocks(texts)), **{f"{k}_s": round(v, 2) for k, v in times.items()},
+            "texts_per_s_1_worker": round(n / times["dask_1"], 1),
+            "parallel_efficiency_2_vs_1": round(times["dask_1"] / (2 * times["dask_2"]), 3),
+            "dask_2_vs_local_ratio": round(times["dask_2"] / times["local"], 3),
+            "vectors_identical": all(np.array_equal(vectors["local"], v) for v in vectors.values()), **cold}
 
 
 def task_run_counts(cpw: int, n: int = 100_000) -> dict:
@@ -160,23 +219,29 @@ def llm_figures(n: int, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="64 images and 1,024 requests (else 400 and 5,120)")
+    ap.add_argument("--quick", action="store_true",
+                    help="64 images, 1,024 texts and 1,024 requests (else 400, 3,072 and 5,120)")
     ap.add_argument("--chunks-per-worker", type=int, default=RunnerConfig().chunks_per_worker,
                     help="task runs per worker (default: the config's)")
-    ap.add_argument("--augment-only", action="store_true", help="skip the LLM figures")
+    ap.add_argument("--parts", default="augment,embed,llm", help="which figures, comma-separated")
     args = ap.parse_args()
-    cpw = args.chunks_per_worker
-    n_images, n_requests = (64, 1024) if args.quick else (400, 5120)
+    cpw, parts = args.chunks_per_worker, set(args.parts.split(","))
+    n_images, n_texts, n_requests = (64, 1024, 1024) if args.quick else (400, 3072, 5120)
     with tempfile.TemporaryDirectory() as tmp:
-        aug = augment_figures(n_images, Path(tmp), cpw)
+        aug = augment_figures(n_images, Path(tmp), cpw) if "augment" in parts else {}
+        emb = embed_figures(n_texts, Path(tmp), cpw) if "embed" in parts else {}
         runs = task_run_counts(cpw)
-        llm = {} if args.augment_only else llm_figures(n_requests, Path(tmp))
-    print_table(f"augment on Dask: {aug['images']} images x 10 variants",
-                [(k, v) for k, v in aug.items() if k not in ("images",)])
+        llm = llm_figures(n_requests, Path(tmp)) if "llm" in parts else {}
+    if aug:
+        print_table(f"augment on Dask: {aug['images']} images x 10 variants",
+                    [(k, v) for k, v in aug.items() if k not in ("images",)])
+    if emb:
+        print_table(f"embedding on Dask: {emb['texts']} texts from an empty cache",
+                    [(k, v) for k, v in emb.items() if k not in ("texts",)])
     print_table("task runs for 100,000 images", list(runs.items()))
     if llm:
         print_table(f"LLM: two stand-ins, {LATENCY_S:.0f} s latency, concurrency {CONCURRENCY} each", list(llm.items()))
-    print_json({"benchmark": "scale", "quick": args.quick, "chunks_per_worker": cpw, "augment": aug,
+    print_json({"benchmark": "scale", "quick": args.quick, "chunks_per_worker": cpw, "augment": aug, "embed": emb,
                 "task_runs": runs, "llm": llm})
 
 

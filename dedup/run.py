@@ -8,23 +8,24 @@ import time
 import numpy as np
 import pandas as pd
 
-from dedup.embed import EmbeddingCache, Encoder, embed_texts, normalise_question
+from dedup.embed import BlockRunner, EmbeddingCache, Encoder, embed_texts, normalise_question
 from dedup.near import DUPLICATE_COLUMNS, global_recurrence, image_scope_duplicates, is_paraphrase
 from kvqa.config import DedupConfig
 
 
-def question_vectors(qa: pd.DataFrame, encoder: Encoder, cache: EmbeddingCache | None) -> tuple[list[str], np.ndarray]:
+def question_vectors(qa: pd.DataFrame, encoder: Encoder, cache: EmbeddingCache | None,
+                     run_blocks: BlockRunner | None = None) -> tuple[list[str], np.ndarray]:
     texts = [normalise_question(q) for q in qa["question"]]
-    return texts, embed_texts(texts, encoder, cache)
+    return texts, embed_texts(texts, encoder, cache, run_blocks)
 
 
 def deduplicate(qa: pd.DataFrame, config: DedupConfig, encoder: Encoder, cache: EmbeddingCache | None,
-                seed: int) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+                seed: int, run_blocks: BlockRunner | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
     """Return (kept rows, duplicates table, figures, timings in s and texts embedded). Input rows = kept +
-    duplicates."""
+    duplicates. `run_blocks` embeds elsewhere (Dask workers), with the same vectors."""
     qa = qa.reset_index(drop=True)
     before, t0 = encoder.texts_encoded, time.perf_counter()
-    texts, vectors = question_vectors(qa, encoder, cache)
+    texts, vectors = question_vectors(qa, encoder, cache, run_blocks)
     figures: dict = {"model": encoder.model_id, "threshold": config.threshold,
                      "paraphrase_max_similarity": config.paraphrase_max_similarity, "scopes": list(config.scopes),
                      "rows_in": len(qa), "paraphrases_in": int(is_paraphrase(qa).sum()),

@@ -21,7 +21,7 @@ from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, encoder_f
                    cross_split_leakage, deduplicate, question_vectors)
 from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
-from flows.dask_runner import map_on_dask
+from flows.dask_runner import embed_on_dask, map_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
@@ -109,12 +109,14 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
     return cached_stage(run_dir, "generate", key, build)
 
 
-def _encoder_and_cache(cfg: Config):
-    """The encoder and its on-disk cache: `dedup.cache_dir`, else $KVQA_EMBED_CACHE (one cache for runs
-    under several output roots, e.g. CI), else `<output_root>/embed-cache`."""
+def _embedding(cfg: Config) -> dict:
+    """`deduplicate`'s and `question_vectors`' embedding arguments: the encoder, its on-disk cache
+    (`dedup.cache_dir`, else $KVQA_EMBED_CACHE (one cache for runs under several output roots, e.g. CI), else
+    `<output_root>/embed-cache`), and with `runner.kind: dask` the Dask workers that encode the blocks."""
     encoder = encoder_for(cfg.dedup)
     folder = cfg.dedup.cache_dir or Path(os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
-    return encoder, EmbeddingCache(folder, encoder.model_id)
+    run_blocks = embed_on_dask(cfg.runner, cfg.dedup, folder) if cfg.runner.kind == "dask" else None
+    return {"encoder": encoder, "cache": EmbeddingCache(folder, encoder.model_id), "run_blocks": run_blocks}
 
 
 @task(cache_policy=NONE)
@@ -125,7 +127,7 @@ def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
     def build():
         qa = read_table(run_dir / "stages/qa.parquet")
         if cfg.dedup.enabled:
-            kept, duplicates, figures, timings = deduplicate(qa, cfg.dedup, *_encoder_and_cache(cfg), seed=cfg.seed)
+            kept, duplicates, figures, timings = deduplicate(qa, cfg.dedup, seed=cfg.seed, **_embedding(cfg))
             log.info("dedup: %d texts embedded (the rest from the cache) in %.1f s, global scope %.1f s",
                      timings["texts_embedded"], timings["embed_s"], timings.get("global_s", 0))
         else:
@@ -152,7 +154,7 @@ def leakage_report(cfg: Config, run_dir: Path) -> dict:
         images = read_table(run_dir / "stages/images.parquet")
         leaks = pd.DataFrame(columns=LEAKAGE_COLUMNS)
         if cfg.dedup.enabled and "cross-split" in cfg.dedup.scopes and len(kept):
-            _, vectors = question_vectors(kept, *_encoder_and_cache(cfg))
+            _, vectors = question_vectors(kept, **_embedding(cfg))
             leaks = cross_split_leakage(kept, vectors, splits, images, cfg.dedup.threshold)
         near = cross_split_near_duplicates(images, splits, cfg.split.near_duplicate_distance)
         reconcile("near-duplicate image pairs across splits after the clustered split", 0, len(near))

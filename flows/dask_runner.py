@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from prefect import flow, task, unmapped
@@ -22,7 +23,9 @@ from prefect.cache_policies import NONE
 from tqdm.auto import tqdm
 
 from augment.track import ChunkResult, ChunkRunner, RenderSettings, one_opencv_thread, render_chunk
-from kvqa.config import RunnerConfig
+from dedup.embed import BlockRunner, encode_blocks_on_worker
+from kvqa.config import DedupConfig, RunnerConfig
+from kvqa.fanout import contiguous_chunks, task_count
 
 log = logging.getLogger("kvqa")
 
@@ -86,4 +89,16 @@ def run_on_dask(runner: RunnerConfig) -> ChunkRunner:
     """A chunk runner (`augment_images(run_chunks=...)`) that renders the chunks on Dask."""
     def run(chunks: list[list[list[dict]]], settings: RenderSettings) -> list[ChunkResult]:
         return map_on_dask(runner, "augment", render_chunk, chunks, settings)
+    return run
+
+
+def embed_on_dask(runner: RunnerConfig, dedup: DedupConfig, cache_folder: Path | None) -> BlockRunner:
+    """A block runner (`dedup.embed_texts(run_blocks=...)`) that encodes the blocks on Dask: runs of
+    consecutive blocks, about `chunks_per_worker` per worker, each worker loading the model once and storing
+    its blocks in `cache_folder`. The blocks are cut before (`dedup.embed.text_blocks`), so the vectors are
+    those the flow's process would encode."""
+    def run(blocks: list[list[str]]) -> list:
+        chunks = contiguous_chunks(blocks, task_count(len(blocks), runner.n_workers, runner.chunks_per_worker))
+        return [v for part in map_on_dask(runner, "embed", encode_blocks_on_worker, chunks, dedup, cache_folder)
+                for v in part]
     return run

@@ -102,6 +102,65 @@ def test_template_realization_in_chunks_and_on_dask_is_byte_identical(sample_run
     same_tables(run / "stages")
 
 
+DEDUP_ON_DASK = """
+import logging
+import sys
+from pathlib import Path
+
+from flows.build_release import deduplicate_pairs
+from kvqa.config import load_config
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, force=True)  # prefect has configured the root logger
+    cfg = load_config(sys.argv[1])
+    cfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"cache_dir": Path(sys.argv[3])})})
+    deduplicate_pairs.fn(cfg, Path(sys.argv[2]))  # the dedup stage, as the flow runs it
+"""
+
+
+def segment_vectors(folder: Path) -> dict:
+    from dedup.embed import read_segment
+
+    return {k: v for seg in sorted(folder.glob("seg-*.npz")) for k, v in zip(*read_segment(seg))}
+
+
+def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run, tmp_path):
+    """The dedup stage's embedding fans out in blocks cut before the fan-out: the workers store the very
+    vectors the flow's process would (a vector depends on its block's padding), and the stage's tables are
+    the local build's bytes. Both caches start empty, so every text is encoded on each side."""
+    import numpy as np
+
+    from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question
+    from dedup.embed import ENCODE_BLOCK_TEXTS
+    from kvqa.tables import read_table
+
+    config = dask_config(tmp_path, n_workers=2, chunks_per_worker=2)
+    run = tmp_path / "dask"
+    (run / "stages").mkdir(parents=True)
+    shutil.copy(sample_run / "stages/qa.parquet", run / "stages/qa.parquet")
+    script = tmp_path / "dedup_on_dask.py"
+    script.write_text(DEDUP_ON_DASK)
+    proc = subprocess.run([sys.executable, str(script), str(config), str(run), str(tmp_path / "dask-cache")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    texts = {normalise_question(q) for q in read_table(sample_run / "stages/qa.parquet")["question"]}
+    blocks = -(-len(texts) // ENCODE_BLOCK_TEXTS)
+    assert blocks >= 3  # 1,296 texts: blocks of 512, 512 and 272, one task run each on 2 workers
+    assert f"embed: {blocks} chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
+    for table in ("qa_dedup", "duplicates"):
+        assert (run / f"stages/{table}.parquet").read_bytes() == (sample_run / f"stages/{table}.parquet").read_bytes()
+
+    cfg = load_config(config)
+    encoder = encoder_for(cfg.dedup)
+    embed_texts(sorted(texts, reverse=True), encoder, EmbeddingCache(tmp_path / "local-cache", encoder.model_id))
+    assert encoder.texts_encoded == len(texts)
+    local, remote = segment_vectors(tmp_path / "local-cache"), segment_vectors(tmp_path / "dask-cache")
+    assert len(list((tmp_path / "dask-cache").glob("seg-*.npz"))) == blocks  # stored by the workers, per block
+    assert local.keys() == remote.keys() and len(local) == len(texts)
+    assert all(np.array_equal(local[k], remote[k]) for k in local)
+
+
 PROBE = """
 import json, os
 os.environ.pop("PREFECT_API_URL", None)  # as a user runs kvqa: Prefect starts its temporary server

@@ -17,7 +17,7 @@ import pytest
 from dedup import (EmbeddingCache, SentenceTransformerEncoder, calibration_pairs, cross_split_leakage,
                    deduplicate, embed_texts, evaluate_threshold, question_vectors)
 from dedup.calibration import labelled_questions, pair_similarities
-from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS
+from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS, text_blocks
 from generate import GroundingChecker, TemplateRealizer, compose_plans, realize_plans
 from generate.backends import PlanFact
 from kvqa.config import DedupConfig, KvasirVQASource, PlanConfig
@@ -277,3 +277,28 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     embed_texts(CACHE_TEXTS, encoder, EmbeddingCache(tmp_path, encoder.model_id))
     assert not any(p.exists() for p in stale) and all(p.exists() for p in young)
     assert encoder.texts_encoded == len(CACHE_TEXTS)
+
+
+def test_blocks_depend_on_the_texts_not_their_order_and_a_killed_embedding_keeps_its_finished_blocks(tmp_path):
+    """A vector depends on the block it is encoded in (padding), so the blocks must be a function of the set
+    of texts to embed: the same whichever order they came in and whichever runner encodes them."""
+    texts = [f"is there {'a very ' * (i % 5)}polyp number {i}" for i in range(23)]
+    blocks = text_blocks(texts, 5)
+    assert [len(b) for b in blocks] == [5, 5, 5, 5, 3]
+    assert text_blocks(list(reversed(texts)) + texts[:4], 5) == blocks  # order and repeats change nothing
+    lengths = [len(t) for b in blocks for t in b]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: a block's batches pad little
+
+    class KilledAfterTwoBlocks(HashEncoder):
+        def encode(self, texts):
+            if self.texts_encoded >= 10:
+                raise KeyboardInterrupt
+            return super().encode(texts)
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_texts(texts, KilledAfterTwoBlocks(), EmbeddingCache(tmp_path, HashEncoder.model_id), block_size=5)
+    assert len(list(tmp_path.glob("seg-*.npz"))) == 2  # one segment per finished block
+    encoder = HashEncoder()
+    vectors = embed_texts(texts, encoder, EmbeddingCache(tmp_path, encoder.model_id), block_size=5)
+    assert encoder.texts_encoded == len(texts) - 10  # the re-run encodes only the unfinished blocks
+    np.testing.assert_array_equal(vectors, HashEncoder().encode(texts))
