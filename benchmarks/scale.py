@@ -56,6 +56,17 @@ CONCURRENCY = 128  # per server
 BATCH = 8  # augment.chunk_size: images per records batch
 
 
+def prefect_api_up() -> None:
+    """Prefect's temporary server started here, not in a figure, and named in PREFECT_API_URL: the clusters'
+    workers report to it, as with a user's server (`flows.dask_runner.dask_task_runner`)."""
+    from prefect import flow
+
+    from flows.dask_runner import prefect_api_url
+
+    flow(name="prefect-api-up")(lambda: None)()
+    os.environ["PREFECT_API_URL"] = prefect_api_url()
+
+
 def bench_images(n: int, prefix: str = "") -> pd.DataFrame:
     files = sorted((ROOT / "data/sample/images").glob("*.jpg"))
     paths = [files[i % len(files)] for i in range(n)]
@@ -78,14 +89,14 @@ def augment_figures(n: int, tmp: Path, cpw: int) -> dict:
     from prefect import flow
 
     from flows.augment_track import map_prefect_tasks
-    from flows.dask_runner import run_on_dask
+    from flows.dask_runner import local_cluster_kwargs, run_on_dask
 
     images, warm = bench_images(n), bench_images(4 * BATCH, "warm-")  # 4 task runs: every worker gets one
     times, outputs, cold = {}, {}, {}
-    flow(name="prefect-api-up")(lambda: None)()  # Prefect's temporary server starts here, not in a figure
+    prefect_api_up()
     for workers in (1, 2):
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with LocalCluster(**local_cluster_kwargs(workers)) as c:  # workers report to this process's API
             with Client(c) as client:
                 client.run(__import__, "flows.dask_runner")  # the code every task needs, in every worker
             run = run_on_dask(RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers))
@@ -122,13 +133,12 @@ def bench_texts(n: int, tmp: Path) -> list[str]:
 def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
     import numpy as np
     from distributed import Client, LocalCluster
-    from prefect import flow
 
-    from flows.dask_runner import embed_on_dask
+    from flows.dask_runner import embed_on_dask, local_cluster_kwargs
 
     texts, config = bench_texts(n, tmp), DedupConfig()
     times, vectors = {}, {}
-    flow(name="prefect-api-up")(lambda: None)()  # Prefect's temporary server starts here, not in a figure
+    prefect_api_up()
 
     def timed(label: str, run_blocks=None) -> None:
         encoder = encoder_for(config)
@@ -144,12 +154,12 @@ def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
     cold = {}
     for workers in (1, 2):
         t0 = time.perf_counter()
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with LocalCluster(**local_cluster_kwargs(workers)) as c:  # workers report to this process's API
             with Client(c) as client:  # every worker loads its model (process_encoder) before the clock starts
                 client.run(__import__, "flows.dask_runner")
-                client.run(encode_blocks_on_worker, [["warm up"]], config, None)
+                client.run(encode_blocks_on_worker, [["warm up"]], config, None, encoder_for(config).model_id)
             runner = RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers, chunks_per_worker=cpw)
-            run = embed_on_dask(runner, config, tmp / f"embed-dask_{workers}")
+            run = embed_on_dask(runner, config, tmp / f"embed-dask_{workers}", encoder_for(config).model_id)
             run([[f"warm up {i}"] for i in range(4)])  # each worker's first Prefect task run, off the clock
             cold[f"dask_{workers}_start_s"] = round(time.perf_counter() - t0, 2)
             timed(f"dask_{workers}", run)

@@ -1,7 +1,8 @@
 """Sentence embeddings with an on-disk cache: each distinct normalised text is embedded once, ever.
 
 The cache key is (model id, sha256 of the normalised text). New vectors are written as one segment file
-per call (`seg-<pid>-<random>.npz`), so a re-run or an incremental run embeds only texts it has not seen.
+per block of texts encoded (`seg-<pid>-<random>.npz`, `text_blocks`), so a re-run, an incremental run or a
+run after a kill embeds only texts it has not seen.
 
 A cache must never be the reason a build fails or goes wrong:
 - A segment is written under a temporary name the loader's glob cannot match (`.seg-….npz.<random>.tmp`,
@@ -32,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -256,6 +258,10 @@ class OnnxEncoder:
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime's own pool ignores OMP_NUM_THREADS; honour it as torch does (a Dask worker's nanny sets
+        # it to the worker's threads), so single-threaded workers do not each take every core. Same vectors
+        # on any thread count (measured: 1 and 2 threads, bit for bit).
+        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)  # 0: every core
         session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         return session, Tokenizer.from_file(str(folder / "tokenizer.json")), manifest
 
@@ -405,7 +411,7 @@ class EmbeddingCache:
 
     def remember(self, texts: Sequence[str], vectors: np.ndarray) -> None:
         """Vectors another process encoded and stored in this folder (Dask workers): known here from now
-        on, without reading the folder again."""
+        on, without reading their segments (the folder was read by the `lookup` before the fan-out)."""
         self._load().update(zip((self.key(t) for t in texts), vectors))
 
 
@@ -448,12 +454,28 @@ def process_encoder(backend: str, model: str, batch_size: int) -> SentenceTransf
     return ENCODERS[backend](model, batch_size)
 
 
-def encode_blocks_on_worker(blocks: list[list[str]], config: "DedupConfig", cache_folder: Path | None) -> list[np.ndarray]:
+# A worker of an existing cluster may run several chunks at once in threads of one process: one model's
+# tokenizer must not be used by two threads at once ("Already borrowed"), nor loaded twice by racing threads.
+# The model's own kernels use the worker's cores either way.
+_WORKER_ENCODER_LOCK = threading.Lock()
+
+
+def encode_blocks_on_worker(blocks: list[list[str]], config: "DedupConfig", cache_folder: Path | None,
+                            model_id: str) -> list[np.ndarray]:
     """`encode_blocks` on a Dask worker with its process's encoder; the segments go to the run's cache folder
-    (a shared file system on a multi-machine cluster, as for the augmented track)."""
-    encoder = process_encoder(config.backend, config.model, config.batch_size)
-    cache = EmbeddingCache(cache_folder, encoder.model_id) if cache_folder is not None else None
-    return encode_blocks(blocks, encoder, cache)
+    (a shared file system on a multi-machine cluster, as for the augmented track). `model_id` is the flow's
+    encoder's: a worker with other library versions would file other vectors under other keys, and the flow
+    would take them for its model's."""
+    with _WORKER_ENCODER_LOCK:
+        encoder = process_encoder(config.backend, config.model, config.batch_size)
+        if encoder.model_id != model_id:
+            raise RuntimeError(f"this worker's model is {encoder.model_id}, the flow's {model_id}: install the "
+                               "same versions on the workers as where the flow runs")
+        cache = EmbeddingCache(cache_folder, encoder.model_id) if cache_folder is not None else None
+        vectors = encode_blocks(blocks, encoder, cache)
+    if [len(v) for v in vectors] != [len(b) for b in blocks]:
+        raise RuntimeError("the encoder returned another number of vectors than texts")
+    return vectors
 
 
 def embed_texts(texts: Sequence[str], encoder: Encoder, cache: EmbeddingCache | None,
@@ -463,7 +485,9 @@ def embed_texts(texts: Sequence[str], encoder: Encoder, cache: EmbeddingCache | 
     distinct = list(dict.fromkeys(texts))
     known = cache.lookup(distinct) if cache is not None else {}
     blocks = text_blocks([t for t in distinct if t not in known], block_size)
-    if run_blocks is None:
+    if not blocks:
+        fresh = []
+    elif run_blocks is None:
         fresh = encode_blocks(tqdm(blocks, desc="embed", unit="block", mininterval=1.0, disable=len(blocks) < 10),
                               encoder, cache)
     else:

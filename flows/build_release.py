@@ -114,8 +114,10 @@ def _embedding(cfg: Config) -> dict:
     (`dedup.cache_dir`, else $KVQA_EMBED_CACHE (one cache for runs under several output roots, e.g. CI), else
     `<output_root>/embed-cache`), and with `runner.kind: dask` the Dask workers that encode the blocks."""
     encoder = encoder_for(cfg.dedup)
-    folder = cfg.dedup.cache_dir or Path(os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
-    run_blocks = embed_on_dask(cfg.runner, cfg.dedup, folder) if cfg.runner.kind == "dask" else None
+    folder = Path(cfg.dedup.cache_dir or os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
+    folder = folder.resolve()  # the workers' working directory is not ours
+    run_blocks = (embed_on_dask(cfg.runner, cfg.dedup, folder, encoder.model_id) if cfg.runner.kind == "dask"
+                  else None)
     return {"encoder": encoder, "cache": EmbeddingCache(folder, encoder.model_id), "run_blocks": run_blocks}
 
 

@@ -5,7 +5,8 @@ its scheduler (Kubernetes, Slurm via dask-jobqueue, Coiled...), else a `LocalClu
 single-threaded worker processes, started for the sub-flow and torn down after it. One task run per
 chunk; stages cut their work into chunks with `kvqa.fanout` (about `chunks_per_worker` per worker), so
 100k images make at most `n_workers x chunks_per_worker` task runs. Every item is seeded by its own key,
-so the output does not depend on which worker did it (byte-identical to the local runner).
+and embeddings are encoded in blocks cut before the fan-out (`dedup.embed.text_blocks`), so the output
+does not depend on which worker did it (byte-identical to the local runner).
 
 The chunks reach the sub-flow through a closure, not as flow parameters: Prefect stores a flow run's
 parameters in its database, and 100k images' rows are no business of the API.
@@ -52,10 +53,14 @@ def dask_task_runner(runner: RunnerConfig):
             log.warning("runner.address is set but PREFECT_API_URL is not: the cluster's workers cannot "
                         "report their task runs to this command's temporary Prefect server")
         return DaskTaskRunner(address=runner.address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": runner.n_workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None,
-                                          "env": {"PREFECT_API_URL": prefect_api_url()}})
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=local_cluster_kwargs(runner.n_workers))
+
+
+def local_cluster_kwargs(n_workers: int) -> dict:
+    """`distributed.LocalCluster`'s arguments for `n_workers` single-threaded worker processes that report
+    their task runs to this process's Prefect API."""
+    return {"n_workers": n_workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "env": {"PREFECT_API_URL": prefect_api_url()}}
 
 
 @task(cache_policy=NONE, task_run_name="{label}-{index}")
@@ -92,13 +97,13 @@ def run_on_dask(runner: RunnerConfig) -> ChunkRunner:
     return run
 
 
-def embed_on_dask(runner: RunnerConfig, dedup: DedupConfig, cache_folder: Path | None) -> BlockRunner:
+def embed_on_dask(runner: RunnerConfig, dedup: DedupConfig, cache_folder: Path | None, model_id: str) -> BlockRunner:
     """A block runner (`dedup.embed_texts(run_blocks=...)`) that encodes the blocks on Dask: runs of
     consecutive blocks, about `chunks_per_worker` per worker, each worker loading the model once and storing
     its blocks in `cache_folder`. The blocks are cut before (`dedup.embed.text_blocks`), so the vectors are
-    those the flow's process would encode."""
+    those the flow's process would encode for `model_id`."""
     def run(blocks: list[list[str]]) -> list:
         chunks = contiguous_chunks(blocks, task_count(len(blocks), runner.n_workers, runner.chunks_per_worker))
-        return [v for part in map_on_dask(runner, "embed", encode_blocks_on_worker, chunks, dedup, cache_folder)
-                for v in part]
+        return [v for part in map_on_dask(runner, "embed", encode_blocks_on_worker, chunks, dedup, cache_folder,
+                                          model_id) for v in part]
     return run

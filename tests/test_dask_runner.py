@@ -127,14 +127,15 @@ def segment_vectors(folder: Path) -> dict:
 def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run, tmp_path):
     """The dedup stage's embedding fans out in blocks cut before the fan-out: the workers store the very
     vectors the flow's process would (a vector depends on its block's padding), and the stage's tables are
-    the local build's bytes. Both caches start empty, so every text is encoded on each side."""
+    the local build's bytes. Both caches start empty, so every text is encoded on each side. One chunk per
+    worker: one chunk carries two blocks, which must still be encoded (and stored) one block at a time."""
     import numpy as np
 
     from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question
     from dedup.embed import ENCODE_BLOCK_TEXTS
     from kvqa.tables import read_table
 
-    config = dask_config(tmp_path, n_workers=2, chunks_per_worker=2)
+    config = dask_config(tmp_path, n_workers=2, chunks_per_worker=1)
     run = tmp_path / "dask"
     (run / "stages").mkdir(parents=True)
     shutil.copy(sample_run / "stages/qa.parquet", run / "stages/qa.parquet")
@@ -146,8 +147,8 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
     assert proc.returncode == 0, proc.stderr[-3000:]
     texts = {normalise_question(q) for q in read_table(sample_run / "stages/qa.parquet")["question"]}
     blocks = -(-len(texts) // ENCODE_BLOCK_TEXTS)
-    assert blocks >= 3  # 1,296 texts: blocks of 512, 512 and 272, one task run each on 2 workers
-    assert f"embed: {blocks} chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
+    assert blocks == 3  # 1,296 texts: blocks of 512, 512 and 272, in 2 task runs (2 blocks and 1)
+    assert "embed: 2 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr
     for table in ("qa_dedup", "duplicates"):
         assert (run / f"stages/{table}.parquet").read_bytes() == (sample_run / f"stages/{table}.parquet").read_bytes()
 
@@ -159,6 +160,42 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
     assert len(list((tmp_path / "dask-cache").glob("seg-*.npz"))) == blocks  # stored by the workers, per block
     assert local.keys() == remote.keys() and len(local) == len(texts)
     assert all(np.array_equal(local[k], remote[k]) for k in local)
+
+
+def test_embedding_chunks_are_encoded_block_by_block_with_the_flows_model(tmp_path, monkeypatch):
+    """What a worker does with a chunk of blocks, without a model or a cluster: one encoder call and one
+    cache segment per block (a call over a whole chunk would pad its texts otherwise, and give other vectors),
+    vectors back in the texts' places, and a worker whose model is not the flow's refuses to encode."""
+    import numpy as np
+
+    import dedup.embed
+    import flows.dask_runner
+    from dedup import EmbeddingCache, embed_texts
+    from kvqa.config import DedupConfig, RunnerConfig
+    from test_dedup import HashEncoder
+
+    class RecordingEncoder(HashEncoder):
+        calls: list = []
+
+        def encode(self, texts):
+            self.calls.append(list(texts))
+            return super().encode(texts)
+
+    worker_encoder = RecordingEncoder()
+    monkeypatch.setattr(dedup.embed, "process_encoder", lambda *a: worker_encoder)
+    monkeypatch.setattr(flows.dask_runner, "map_on_dask",
+                        lambda runner, label, fn, chunks, *args: [fn(c, *args) for c in reversed(chunks)][::-1])
+    runner = RunnerConfig(kind="dask", n_workers=2, chunks_per_worker=1)
+    texts = [f"is there {'a very ' * (i % 4)}polyp number {i}" for i in range(23)] * 2
+    flow_encoder = HashEncoder()
+    run_blocks = flows.dask_runner.embed_on_dask(runner, DedupConfig(), tmp_path, HashEncoder.model_id)
+    vectors = embed_texts(texts, flow_encoder, EmbeddingCache(tmp_path, HashEncoder.model_id), run_blocks,
+                          block_size=5)
+    np.testing.assert_array_equal(vectors, HashEncoder().encode(texts))
+    assert sorted(map(sorted, RecordingEncoder.calls)) == sorted(map(sorted, dedup.embed.text_blocks(texts, 5)))
+    assert len(list(tmp_path.glob("seg-*.npz"))) == 5 and flow_encoder.texts_encoded == 23
+    with pytest.raises(RuntimeError, match="this worker's model is hash-encoder, the flow's other-model"):
+        flows.dask_runner.embed_on_dask(runner, DedupConfig(), None, "other-model")([["is there a polyp"]])
 
 
 PROBE = """
