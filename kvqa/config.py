@@ -258,13 +258,14 @@ class AugmentConfig(_Strict):
 class RunnerConfig(_Strict):
     """Where the fan-out work runs; changes how fast, never what (outputs are byte-identical).
 
-    `local`: Prefect tasks on the default thread runner, each handing its chunk to a process pool of
-    `augment.workers` processes on this machine. `dask`: Prefect tasks on `prefect_dask.DaskTaskRunner`, on
+    `local`: the augment stage's Prefect tasks on the default thread runner, each handing its chunk to a
+    process pool of `augment.workers` processes on this machine; image checks, template realization and
+    embedding in the flow's process. `dask`: all four as Prefect tasks on `prefect_dask.DaskTaskRunner`, on
     the cluster at `address` (a scheduler, `tcp://host:8786`; `n_workers` is then the number of its workers
     the work is cut for) or, when none is given, a `LocalCluster` of `n_workers` single-threaded processes.
-    Either way the work is cut into about `chunks_per_worker` task runs per worker (each at least one records
-    batch of `augment.chunk_size` images), so the number of task runs is bounded by the workers, not by the
-    images.
+    Either way the work is cut into about `chunks_per_worker` task runs per worker (each at least one unit:
+    a records batch of `augment.chunk_size` images, a block of 512 texts to embed), so the number of task
+    runs is bounded by the workers, not by the data.
     """
 
     kind: Literal["local", "dask"] = "local"
