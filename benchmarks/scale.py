@@ -89,14 +89,14 @@ def augment_figures(n: int, tmp: Path, cpw: int) -> dict:
     from prefect import flow
 
     from flows.augment_track import map_prefect_tasks
-    from flows.dask_runner import local_cluster_kwargs, run_on_dask
+    from flows.dask_runner import environment_kept, local_cluster_kwargs, run_on_dask
 
     images, warm = bench_images(n), bench_images(4 * BATCH, "warm-")  # 4 task runs: every worker gets one
     times, outputs, cold = {}, {}, {}
     prefect_api_up()
     for workers in (1, 2):
         t0 = time.perf_counter()
-        with LocalCluster(**local_cluster_kwargs(workers)) as c:  # workers report to this process's API
+        with environment_kept(), LocalCluster(**local_cluster_kwargs(workers)) as c:  # see both helpers
             with Client(c) as client:
                 client.run(__import__, "flows.dask_runner")  # the code every task needs, in every worker
             run = run_on_dask(RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers))
@@ -134,7 +134,7 @@ def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
     import numpy as np
     from distributed import Client, LocalCluster
 
-    from flows.dask_runner import embed_on_dask, local_cluster_kwargs
+    from flows.dask_runner import embed_on_dask, environment_kept, local_cluster_kwargs
 
     texts, config = bench_texts(n, tmp), DedupConfig()
     times, vectors = {}, {}
@@ -154,7 +154,7 @@ def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
     cold = {}
     for workers in (1, 2):
         t0 = time.perf_counter()
-        with LocalCluster(**local_cluster_kwargs(workers)) as c:  # workers report to this process's API
+        with environment_kept(), LocalCluster(**local_cluster_kwargs(workers)) as c:  # see both helpers
             with Client(c) as client:  # every worker loads its model (process_encoder) before the clock starts
                 client.run(__import__, "flows.dask_runner")
                 client.run(encode_blocks_on_worker, [["warm up"]], config, None, encoder_for(config).model_id)

@@ -208,26 +208,30 @@ from kvqa.config import RunnerConfig
 @flow
 def probe():
     return prefect_api_url(), map_on_dask(RunnerConfig(kind="dask", n_workers=1), "probe", os.getenv,
-                                          ["PREFECT_API_URL"])
+                                          ["PREFECT_API_URL", "OMP_NUM_THREADS"])
 
 if __name__ == "__main__":
-    ours, (theirs,) = probe()
-    print(json.dumps([ours, theirs]))
+    os.environ.pop("OMP_NUM_THREADS", None)
+    ours, theirs = probe()
+    print(json.dumps([ours, theirs, os.environ.get("OMP_NUM_THREADS")]))
 """
 
 
 def test_local_cluster_workers_report_to_the_flows_prefect_server(tmp_path):
     """Task runs execute on the workers: they must report to the flow's Prefect API. Before, a worker
     without PREFECT_API_URL started a temporary server of its own (≈9 s of CPU each) and its task runs were
-    recorded there, out of the flow's sight."""
+    recorded there, out of the flow's sight. And the flow's process keeps its environment."""
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, theirs = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert ours.startswith("http://127.0.0.1") and theirs == ours
+    ours, theirs, flows_threads = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ours.startswith("http://127.0.0.1") and theirs == [ours, "1"]  # a worker: one thread per library
+    # The flow's process keeps its own: distributed's Nanny wrote OMP_NUM_THREADS=1 & co. into the
+    # environment of the process that started the LocalCluster, and torch and faiss ran on one thread there.
+    assert flows_threads is None
 
 
 def test_task_runs_bounded_by_workers_not_images():
