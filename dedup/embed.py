@@ -439,10 +439,13 @@ def text_blocks(texts: Sequence[str], size: int = ENCODE_BLOCK_TEXTS) -> list[li
 def encode_blocks(blocks: Sequence[Sequence[str]], encoder: Encoder, cache: EmbeddingCache | None) -> list[np.ndarray]:
     """Each block encoded in turn and stored as soon as it is done (one cache segment per block), so a
     killed dedup keeps what it embedded. Runs in the flow's process, or on a Dask worker
-    (`encode_blocks_on_worker`)."""
+    (`encode_blocks_on_worker`). A block whose vectors do not match its texts one for one is an error, before
+    anything of it is stored: the vectors are paired with texts by position."""
     vectors = []
     for block in blocks:
         vectors.append(encoder.encode(block))
+        if len(vectors[-1]) != len(block):
+            raise RuntimeError(f"the encoder returned {len(vectors[-1])} vectors for {len(block)} texts")
         if cache is not None:
             cache.add(block, vectors[-1])
     return vectors
@@ -472,10 +475,7 @@ def encode_blocks_on_worker(blocks: list[list[str]], config: "DedupConfig", cach
             raise RuntimeError(f"this worker's model is {encoder.model_id}, the flow's {model_id}: install the "
                                "same versions on the workers as where the flow runs")
         cache = EmbeddingCache(cache_folder, encoder.model_id) if cache_folder is not None else None
-        vectors = encode_blocks(blocks, encoder, cache)
-    if [len(v) for v in vectors] != [len(b) for b in blocks]:
-        raise RuntimeError("the encoder returned another number of vectors than texts")
-    return vectors
+        return encode_blocks(blocks, encoder, cache)
 
 
 def embed_texts(texts: Sequence[str], encoder: Encoder, cache: EmbeddingCache | None,
@@ -492,9 +492,9 @@ def embed_texts(texts: Sequence[str], encoder: Encoder, cache: EmbeddingCache | 
                               encoder, cache)
     else:
         fresh = run_blocks(blocks)
-        todo = [t for block in blocks for t in block]
-        encoder.texts_encoded += len(todo)  # encoded for this encoder, by its model on the workers
-        if cache is not None and todo:
-            cache.remember(todo, np.concatenate(fresh))
+        encoder.texts_encoded += sum(map(len, blocks))  # encoded for this encoder, by its model on the workers
+        if cache is not None:
+            for block, vectors in zip(blocks, fresh):
+                cache.remember(block, vectors)
     vectors = {**known, **{t: v for block, vs in zip(blocks, fresh) for t, v in zip(block, vs)}}
     return np.stack([vectors[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)

@@ -302,3 +302,15 @@ def test_blocks_depend_on_the_texts_not_their_order_and_a_killed_embedding_keeps
     vectors = embed_texts(texts, encoder, EmbeddingCache(tmp_path, encoder.model_id), block_size=5)
     assert encoder.texts_encoded == len(texts) - 10  # the re-run encodes only the unfinished blocks
     np.testing.assert_array_equal(vectors, HashEncoder().encode(texts))
+
+
+def test_an_encoder_that_loses_a_text_stores_nothing_of_that_block(tmp_path):
+    """Vectors are paired with texts by position: a block with one vector too few would file every later
+    text under another's vector."""
+    class DropsOne(HashEncoder):
+        def encode(self, texts):
+            return super().encode(texts)[:-1]
+
+    with pytest.raises(RuntimeError, match="returned 4 vectors for 5 texts"):
+        embed_texts(CACHE_TEXTS, DropsOne(), EmbeddingCache(tmp_path, HashEncoder.model_id), block_size=5)
+    assert list(tmp_path.glob("seg-*.npz")) == []
