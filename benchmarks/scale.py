@@ -145,7 +145,7 @@ def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
         if run_blocks is None:
             encoder.encode(["warm up"])  # the model loaded before the clock starts, as in the workers
         t0 = time.perf_counter()
-        vectors[label] = embed_texts(texts, encoder, EmbeddingCache(tmp / f"embed-{label}", encoder.model_id),
+        vectors[label] = embed_texts(texts, encoder, EmbeddingCache(tmp / f"embed-{label}", encoder.vectors_id),
                                      run_blocks)
         times[label] = time.perf_counter() - t0
         print(f"embed: {label} {times[label]:.1f} s", file=sys.stderr)
@@ -157,9 +157,9 @@ def embed_figures(n: int, tmp: Path, cpw: int) -> dict:
         with environment_kept(), LocalCluster(**local_cluster_kwargs(workers)) as c:  # see both helpers
             with Client(c) as client:  # every worker loads its model (process_encoder) before the clock starts
                 client.run(__import__, "flows.dask_runner")
-                client.run(encode_blocks_on_worker, [["warm up"]], config, None, encoder_for(config).model_id)
+                client.run(encode_blocks_on_worker, [["warm up"]], config, None, encoder_for(config).vectors_id)
             runner = RunnerConfig(kind="dask", address=c.scheduler_address, n_workers=workers, chunks_per_worker=cpw)
-            run = embed_on_dask(runner, config, tmp / f"embed-dask_{workers}", encoder_for(config).model_id)
+            run = embed_on_dask(runner, config, tmp / f"embed-dask_{workers}", encoder_for(config).vectors_id)
             run([[f"warm up {i}"] for i in range(4)])  # each worker's first Prefect task run, off the clock
             cold[f"dask_{workers}_start_s"] = round(time.perf_counter() - t0, 2)
             timed(f"dask_{workers}", run)

@@ -18,20 +18,38 @@ A cache must never be the reason a build fails or goes wrong:
 Two backends run the same model (`DedupConfig.backend`, `encoder_for`): `torch` (sentence-transformers) and
 `onnx` (the model exported once per machine to ONNX and run by ONNX Runtime, same vectors to ~1e-6, 1.3-1.4x
 faster on 2 CPU cores; opt-in, with the extra `kvqa[onnx]`: benchmarks/README.md says why it is not the
-default). Each encoder's `model_id` names its backend, so a cache never hands one backend's vectors to the
-other. sentence-transformers' own `backend="onnx"` needs optimum-onnx, whose releases pin transformers < 4.58
-while sentence-transformers 6.2 needs transformers >= 5: it cannot be installed beside it, hence our export.
+default). Each encoder's `model_id` names its backend and the versions of the libraries that compute it, so a
+cache never hands one backend's vectors to the other. sentence-transformers' own `backend="onnx"` needs
+optimum-onnx, whose releases pin transformers < 4.58 while sentence-transformers 6.2 needs transformers >= 5:
+it cannot be installed beside it, hence our export.
+
+Bit for bit, a vector depends on more than the model: on the CPU kernels its libraries pick. MKL, oneDNN and
+ATen (torch) and MLAS (ONNX Runtime) choose code paths by instruction set, CPU vendor and thread count; on an
+Intel Xeon with AVX-512 and AMX, a block encoded by a one-thread Dask worker had other last bits than the same
+block encoded by the two-thread flow (issue 23). Hence two rules:
+- **Every block is encoded on one thread** (`one_kernel_thread`), wherever it runs: in the flow, several blocks
+  at once on threads of their own, each with its own replica of the encoder (`encode_blocks`), or one block
+  at a time on a Dask worker. The thread count never enters the arithmetic, on any CPU.
+- **The kernel path is part of the cache key** (`vectors_id` = `model_id` + `cpu_kernels()`: the CPU's vendor
+  and SIMD extensions, and the variables that override the libraries' choice), so a cache shared by machines
+  of two CPU kinds never hands one kind's vectors to the other, and the output of a run never depends on
+  where its cache was filled. Forced on one AVX-512 machine (AMD Zen 4), ATen's AVX2 path changed 902 of
+  1,296 sample vectors and oneDNN's every one, by at most 1.7e-7 (`benchmarks/cpu_paths.py`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
+import platform
+import queue
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +57,8 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -62,13 +81,79 @@ def normalise_question(text: str) -> str:
     return " ".join(t.split())
 
 
+# Variables that override which CPU kernels torch (ATen, oneDNN, MKL) and ONNX Runtime run; `DNNL_` is oneDNN's
+# older prefix.
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+# The CPU features those libraries dispatch on (x86-64 /proc/cpuinfo names).
+KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_kernels() -> str:
+    """Which CPU kernels the encoders' libraries choose on this machine, as a readable key: architecture, vendor
+    (MKL dispatches on it), the SIMD extensions they dispatch on, and any variable set to override the choice,
+    e.g. `x86_64/AuthenticAMD/avx2+avx512f+...` (outside Linux: `platform.processor()`). Two machines with the
+    same key run the same kernels for the same library versions."""
+    arch, vendor, flags = platform.machine(), platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "vendor_id":
+                vendor = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    overrides = [f"{k}={os.environ[k]}" for k in KERNEL_ENV if os.environ.get(k)]
+    return "/".join([arch, vendor, "+".join(f for f in KERNEL_FLAGS if f in flags) or "-", *overrides])
+
+
+def library_versions(*dists: str) -> str:
+    return ",".join(f"{d}=={_version(d)}" for d in dists)
+
+
 class Encoder(Protocol):
-    model_id: str
+    model_id: str  # the model and the versions of what computes it: the same on every machine
+    vectors_id: str  # model_id + cpu_kernels(): what the vectors' exact bits depend on (the cache key)
     texts_encoded: int
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """L2-normalised float32 vectors, one row per text."""
+        """L2-normalised float32 vectors, one row per text, computed on one thread (`one_kernel_thread`)."""
         ...
+
+    def replica(self) -> "Encoder":
+        """A fresh encoder of the same model and settings, to encode on another thread (a tokenizer must not be
+        used by two threads at once)."""
+        ...
+
+
+def one_kernel_thread() -> None:
+    """Make torch's kernels (ATen, oneDNN, MKL) run on one thread in the calling thread. `torch.set_num_threads`
+    also sets the process's default, which every thread that has not yet run torch takes at its first torch
+    call, so `encode_blocks` restores the default it found (`torch_threads_kept`)."""
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def torch_threads_kept(encoder: "Encoder") -> Iterator[None]:
+    """The process's torch thread count as it was before encoding, once encoding ends: torch on later threads
+    of the flow keeps its cores. torch is imported here for a torch encoder, which imports it at its first
+    block anyway."""
+    if getattr(encoder, "backend", None) == "torch" or "torch" in sys.modules:
+        import torch
+
+        before = torch.get_num_threads()
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    else:
+        yield
 
 
 class SentenceTransformerEncoder:
@@ -82,10 +167,14 @@ class SentenceTransformerEncoder:
 
     def __init__(self, model: str = PACKAGED_MODEL, batch_size: int = 128):
         self.name = model
-        self.model_id = base_model_id(model)
+        self.model_id = f"{base_model_id(model)}+torch({library_versions(*TORCH_LIBRARIES)})"
+        self.vectors_id = f"{self.model_id}|{cpu_kernels()}"
         self.batch_size = batch_size
         self.texts_encoded = 0
         self._model = None
+
+    def replica(self) -> "SentenceTransformerEncoder":
+        return SentenceTransformerEncoder(self.name, self.batch_size)
 
     @property
     def model(self):
@@ -97,6 +186,7 @@ class SentenceTransformerEncoder:
         if not texts:
             return np.zeros((0, 0), np.float32)
         self.texts_encoded += len(texts)
+        one_kernel_thread()
         return self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=len(texts) >= 5000).astype(np.float32)
 
@@ -105,6 +195,10 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
+
+
+TORCH_LIBRARIES = ("torch", "transformers", "sentence-transformers", "tokenizers")
+ONNX_LIBRARIES = (*TORCH_LIBRARIES, "onnx", "onnxruntime")  # torch & co. make the export
 
 
 def base_model_id(model: str) -> str:
@@ -223,6 +317,17 @@ def publish_folder_once(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
+def session_options():
+    """ONNX Runtime's settings for the encoder: every graph optimisation, and one thread, as for torch (module
+    docstring): the kernels run in the calling thread, whatever the CPU and its core count."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return options
+
+
 class OnnxEncoder:
     """The same model run by ONNX Runtime on the CPU: tokenizer, transformer, mean pooling, L2 norm.
 
@@ -238,7 +343,8 @@ class OnnxEncoder:
         self.name = model
         self.batch_size = batch_size
         self.export_root = Path(export_root) if export_root is not None else model_cache_root()
-        self.model_id = f"{base_model_id(model)}+onnx(onnxruntime=={_version('onnxruntime')})"
+        self.model_id = f"{base_model_id(model)}+onnx({library_versions(*ONNX_LIBRARIES)})"
+        self.vectors_id = f"{self.model_id}|{cpu_kernels()}"
         self.texts_encoded = 0
         self.exported = False  # whether this encoder made the export (first use on this machine)
         self._session = None
@@ -246,6 +352,10 @@ class OnnxEncoder:
     @property
     def export_dir(self) -> Path:
         return self.export_root / onnx_export_key(self.name)
+
+    def replica(self) -> "OnnxEncoder":
+        self.load()  # the export is made once, here, not by racing replicas
+        return OnnxEncoder(self.name, self.batch_size, self.export_root)
 
     def _build(self, folder: Path) -> None:
         export_onnx(self.name, folder)
@@ -256,13 +366,8 @@ class OnnxEncoder:
         from tokenizers import Tokenizer
 
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # ONNX Runtime's own pool ignores OMP_NUM_THREADS; honour it as torch does (a Dask worker's nanny sets
-        # it to the worker's threads), so single-threaded workers do not each take every core. Same vectors
-        # on any thread count (measured: 1 and 2 threads, bit for bit).
-        options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS") or 0)  # 0: every core
-        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(folder / "model.onnx"), session_options(),
+                                       providers=["CPUExecutionProvider"])
         return session, Tokenizer.from_file(str(folder / "tokenizer.json")), manifest
 
     def load(self) -> None:
@@ -346,14 +451,16 @@ def read_segment(path: Path) -> tuple[list[str], np.ndarray]:
 
 
 class EmbeddingCache:
-    def __init__(self, folder: Path, model_id: str):
+    """Vectors by (encoder's `vectors_id`, text) in one folder, shared by runs (module docstring)."""
+
+    def __init__(self, folder: Path, vectors_id: str):
         self.folder = Path(folder)
-        self.model_id = model_id
+        self.vectors_id = vectors_id
         self._vectors: dict[str, np.ndarray] | None = None
         self.skipped_segments: list[Path] = []  # unreadable segments and legacy temp files, as read
 
     def key(self, text: str) -> str:
-        return hashlib.sha256(f"{self.model_id}\x1f{text}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.vectors_id}\x1f{text}".encode()).hexdigest()
 
     def _load(self) -> dict[str, np.ndarray]:
         if self._vectors is None:
@@ -427,8 +534,7 @@ def text_blocks(texts: Sequence[str], size: int = ENCODE_BLOCK_TEXTS) -> list[li
 
     A text's vector depends on the block it is encoded in, not only on the text: torch pads a batch to its
     longest text, and other padding gives other last bits (measured: up to 1.1e-7 between one call over
-    1,296 texts and calls over slices of 300; the thread count changed nothing, for torch or ONNX Runtime).
-    So the blocks are a function of the texts to embed alone, the same whichever runner or worker encodes
+    1,296 texts and calls over slices of 300). So the blocks are a function of the texts to embed alone, the same whichever runner or worker encodes
     them, and so are the vectors: they depend on the set of texts, not on their order. Longest first, as
     sentence-transformers orders one call, so a block's batches pad little.
     """
@@ -436,19 +542,57 @@ def text_blocks(texts: Sequence[str], size: int = ENCODE_BLOCK_TEXTS) -> list[li
     return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
-def encode_blocks(blocks: Sequence[Sequence[str]], encoder: Encoder, cache: EmbeddingCache | None) -> list[np.ndarray]:
-    """Each block encoded in turn and stored as soon as it is done (one cache segment per block), so a
-    killed dedup keeps what it embedded. Runs in the flow's process, or on a Dask worker
-    (`encode_blocks_on_worker`). A block whose vectors do not match its texts one for one is an error, before
-    anything of it is stored: the vectors are paired with texts by position."""
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def encode_blocks(blocks: Sequence[Sequence[str]], encoder: Encoder, cache: EmbeddingCache | None,
+                  threads: int = 1, progress: bool = False) -> list[np.ndarray]:
+    """Each block encoded on one thread (`one_kernel_thread`) and stored as soon as it is done (one cache
+    segment per block, in block order), so a killed dedup keeps what it embedded. With `threads` > 1, that many
+    blocks are encoded at once, each thread with its own replica of `encoder` (the kernels release the GIL):
+    the same vectors as one thread, as fast as torch's own threads (measured: 2,592 texts on 2 cores, 10.9 s
+    vs 9.9 s). Runs in the flow's process, or on a Dask worker (`encode_blocks_on_worker`, one thread). A
+    block whose vectors do not match its texts one for one is an error, before anything of it is stored: the
+    vectors are paired with texts by position."""
+    threads = max(1, min(threads, len(blocks)))
+    encoders = [encoder] + [encoder.replica() for _ in range(threads - 1)]
+    bar = tqdm(total=len(blocks), desc="embed", unit="block", mininterval=1.0, disable=not progress)
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="kvqa-embed")
     vectors = []
-    for block in blocks:
-        vectors.append(encoder.encode(block))
-        if len(vectors[-1]) != len(block):
-            raise RuntimeError(f"the encoder returned {len(vectors[-1])} vectors for {len(block)} texts")
-        if cache is not None:
-            cache.add(block, vectors[-1])
+    with torch_threads_kept(encoder):
+        try:
+            for block, found in zip(blocks, _encoded(pool, encoders, blocks)):
+                if len(found) != len(block):
+                    raise RuntimeError(f"the encoder returned {len(found)} vectors for {len(block)} texts")
+                if cache is not None:
+                    cache.add(block, found)
+                vectors.append(found)
+                bar.update(1)
+        finally:  # on an error or Ctrl-C, the blocks not started are dropped, not waited for
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+            encoder.texts_encoded += sum(e.texts_encoded for e in encoders[1:])
     return vectors
+
+
+def _encoded(pool: ThreadPoolExecutor, encoders: list[Encoder], blocks: Sequence[Sequence[str]]) -> Iterator[np.ndarray]:
+    """The blocks' vectors in block order, as each is done. A block takes a free encoder and gives it back: the
+    pool runs at most `len(encoders)` blocks at once, so one is always free, and none is used by two threads."""
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for e in encoders:
+        free.put(e)
+
+    def encode(block: Sequence[str]) -> np.ndarray:
+        e = free.get()
+        try:
+            return e.encode(block)
+        finally:
+            free.put(e)
+
+    for future in [pool.submit(encode, block) for block in blocks]:
+        yield future.result()
 
 
 @functools.lru_cache(maxsize=4)
@@ -464,32 +608,33 @@ _WORKER_ENCODER_LOCK = threading.Lock()
 
 
 def encode_blocks_on_worker(blocks: list[list[str]], config: "DedupConfig", cache_folder: Path | None,
-                            model_id: str) -> list[np.ndarray]:
-    """`encode_blocks` on a Dask worker with its process's encoder; the segments go to the run's cache folder
-    (a shared file system on a multi-machine cluster, as for the augmented track). `model_id` is the flow's
-    encoder's: a worker with other library versions would file other vectors under other keys, and the flow
-    would take them for its model's."""
+                            vectors_id: str) -> list[np.ndarray]:
+    """`encode_blocks` on a Dask worker with its process's encoder, one block at a time; the segments go to the
+    run's cache folder (a shared file system on a multi-machine cluster, as for the augmented track).
+    `vectors_id` is the flow's encoder's: a worker with other library versions or another CPU kind would give
+    other bits, and which blocks it encoded would then show in the output."""
     with _WORKER_ENCODER_LOCK:
         encoder = process_encoder(config.backend, config.model, config.batch_size)
-        if encoder.model_id != model_id:
-            raise RuntimeError(f"this worker's model is {encoder.model_id}, the flow's {model_id}: install the "
-                               "same versions on the workers as where the flow runs")
-        cache = EmbeddingCache(cache_folder, encoder.model_id) if cache_folder is not None else None
+        if encoder.vectors_id != vectors_id:
+            raise RuntimeError(f"this worker computes vectors as {encoder.vectors_id}, the flow as {vectors_id}: "
+                               "workers need the flow's library versions and CPU kind")
+        cache = EmbeddingCache(cache_folder, encoder.vectors_id) if cache_folder is not None else None
         return encode_blocks(blocks, encoder, cache)
 
 
 def embed_texts(texts: Sequence[str], encoder: Encoder, cache: EmbeddingCache | None,
-                run_blocks: BlockRunner | None = None, block_size: int = ENCODE_BLOCK_TEXTS) -> np.ndarray:
+                run_blocks: BlockRunner | None = None, block_size: int = ENCODE_BLOCK_TEXTS,
+                threads: int | None = None) -> np.ndarray:
     """Vectors for `texts` (already normalised), embedding each distinct text not in the cache once, in
-    `text_blocks`: here, or by `run_blocks` (Dask workers), with the same vectors either way."""
+    `text_blocks`: here on `threads` threads (default: every available core), or by `run_blocks` (Dask
+    workers), with the same vectors either way."""
     distinct = list(dict.fromkeys(texts))
     known = cache.lookup(distinct) if cache is not None else {}
     blocks = text_blocks([t for t in distinct if t not in known], block_size)
     if not blocks:
         fresh = []
     elif run_blocks is None:
-        fresh = encode_blocks(tqdm(blocks, desc="embed", unit="block", mininterval=1.0, disable=len(blocks) < 10),
-                              encoder, cache)
+        fresh = encode_blocks(blocks, encoder, cache, threads or available_cores(), progress=len(blocks) >= 10)
     else:
         fresh = run_blocks(blocks)
         encoder.texts_encoded += sum(map(len, blocks))  # encoded for this encoder, by its model on the workers

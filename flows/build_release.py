@@ -116,9 +116,9 @@ def _embedding(cfg: Config) -> dict:
     encoder = encoder_for(cfg.dedup)
     folder = Path(cfg.dedup.cache_dir or os.environ.get("KVQA_EMBED_CACHE") or cfg.output_root / "embed-cache")
     folder = folder.resolve()  # the workers' working directory is not ours
-    run_blocks = (embed_on_dask(cfg.runner, cfg.dedup, folder, encoder.model_id) if cfg.runner.kind == "dask"
+    run_blocks = (embed_on_dask(cfg.runner, cfg.dedup, folder, encoder.vectors_id) if cfg.runner.kind == "dask"
                   else None)
-    return {"encoder": encoder, "cache": EmbeddingCache(folder, encoder.model_id), "run_blocks": run_blocks}
+    return {"encoder": encoder, "cache": EmbeddingCache(folder, encoder.vectors_id), "run_blocks": run_blocks}
 
 
 @task(cache_policy=NONE)

@@ -121,13 +121,13 @@ def run_on_dask(runner: RunnerConfig) -> ChunkRunner:
     return run
 
 
-def embed_on_dask(runner: RunnerConfig, dedup: DedupConfig, cache_folder: Path | None, model_id: str) -> BlockRunner:
+def embed_on_dask(runner: RunnerConfig, dedup: DedupConfig, cache_folder: Path | None, vectors_id: str) -> BlockRunner:
     """A block runner (`dedup.embed_texts(run_blocks=...)`) that encodes the blocks on Dask: runs of
     consecutive blocks, about `chunks_per_worker` per worker, each worker loading the model once and storing
     its blocks in `cache_folder`. The blocks are cut before (`dedup.embed.text_blocks`), so the vectors are
-    those the flow's process would encode for `model_id`."""
+    those the flow's process would encode (`vectors_id`, checked by each worker)."""
     def run(blocks: list[list[str]]) -> list:
         chunks = contiguous_chunks(blocks, task_count(len(blocks), runner.n_workers, runner.chunks_per_worker))
         return [v for part in map_on_dask(runner, "embed", encode_blocks_on_worker, chunks, dedup, cache_folder,
-                                          model_id) for v in part]
+                                          vectors_id) for v in part]
     return run

@@ -154,7 +154,7 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
 
     cfg = load_config(config)
     encoder = encoder_for(cfg.dedup)
-    embed_texts(sorted(texts, reverse=True), encoder, EmbeddingCache(tmp_path / "local-cache", encoder.model_id))
+    embed_texts(sorted(texts, reverse=True), encoder, EmbeddingCache(tmp_path / "local-cache", encoder.vectors_id))
     assert encoder.texts_encoded == len(texts)
     local, remote = segment_vectors(tmp_path / "local-cache"), segment_vectors(tmp_path / "dask-cache")
     assert len(list((tmp_path / "dask-cache").glob("seg-*.npz"))) == blocks  # stored by the workers, per block
@@ -165,7 +165,8 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
 def test_embedding_chunks_are_encoded_block_by_block_with_the_flows_model(tmp_path, monkeypatch):
     """What a worker does with a chunk of blocks, without a model or a cluster: one encoder call and one
     cache segment per block (a call over a whole chunk would pad its texts otherwise, and give other vectors),
-    vectors back in the texts' places, and a worker whose model is not the flow's refuses to encode."""
+    vectors back in the texts' places, and a worker that computes vectors otherwise than the flow (another
+    model, library version or CPU kind) refuses to encode."""
     import numpy as np
 
     import dedup.embed
@@ -188,13 +189,13 @@ def test_embedding_chunks_are_encoded_block_by_block_with_the_flows_model(tmp_pa
     runner = RunnerConfig(kind="dask", n_workers=2, chunks_per_worker=1)
     texts = [f"is there {'a very ' * (i % 4)}polyp number {i}" for i in range(23)] * 2
     flow_encoder = HashEncoder()
-    run_blocks = flows.dask_runner.embed_on_dask(runner, DedupConfig(), tmp_path, HashEncoder.model_id)
-    vectors = embed_texts(texts, flow_encoder, EmbeddingCache(tmp_path, HashEncoder.model_id), run_blocks,
+    run_blocks = flows.dask_runner.embed_on_dask(runner, DedupConfig(), tmp_path, HashEncoder.vectors_id)
+    vectors = embed_texts(texts, flow_encoder, EmbeddingCache(tmp_path, HashEncoder.vectors_id), run_blocks,
                           block_size=5)
     np.testing.assert_array_equal(vectors, HashEncoder().encode(texts))
     assert sorted(map(sorted, RecordingEncoder.calls)) == sorted(map(sorted, dedup.embed.text_blocks(texts, 5)))
     assert len(list(tmp_path.glob("seg-*.npz"))) == 5 and flow_encoder.texts_encoded == 23
-    with pytest.raises(RuntimeError, match="this worker's model is hash-encoder, the flow's other-model"):
+    with pytest.raises(RuntimeError, match="this worker computes vectors as hash-encoder, the flow as other-model"):
         flows.dask_runner.embed_on_dask(runner, DedupConfig(), None, "other-model")([["is there a polyp"]])
 
 

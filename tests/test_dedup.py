@@ -7,6 +7,8 @@ import hashlib
 import io
 import logging
 import os
+import subprocess
+import sys
 import time
 from fnmatch import fnmatch
 
@@ -15,12 +17,13 @@ import pandas as pd
 import pytest
 
 from dedup import (EmbeddingCache, SentenceTransformerEncoder, calibration_pairs, cross_split_leakage,
-                   deduplicate, embed_texts, evaluate_threshold, question_vectors)
+                   deduplicate, embed_texts, evaluate_threshold, normalise_question, question_vectors)
 from dedup.calibration import labelled_questions, pair_similarities
-from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS, text_blocks
+from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS, encode_blocks, text_blocks
 from generate import GroundingChecker, TemplateRealizer, compose_plans, realize_plans
 from generate.backends import PlanFact
 from kvqa.config import DedupConfig, KvasirVQASource, PlanConfig
+from kvqa.cpu_paths import CPU_PATHS
 from sources import read_sources
 
 
@@ -58,7 +61,7 @@ KEPT_SHARE = 0.8
 def test_planted_paraphrases_meet_the_band_and_distinct_questions_survive(real_qa, catalog, encoder, tmp_path):
     mixed = plant_paraphrases(real_qa, catalog)
     cfg = DedupConfig(scopes=("image",))
-    kept, dups, figures, _ = deduplicate(mixed, cfg, encoder, EmbeddingCache(tmp_path, encoder.model_id), seed=42)
+    kept, dups, figures, _ = deduplicate(mixed, cfg, encoder, EmbeddingCache(tmp_path, encoder.vectors_id), seed=42)
     assert len(kept) + len(dups) == len(mixed) == figures["rows_in"]
     planted = set(mixed.qa_id[mixed.paraphrase_of != ""])
     # Nothing but planted rows is removed: every original question of every image survives.
@@ -74,7 +77,7 @@ def test_planted_paraphrases_meet_the_band_and_distinct_questions_survive(real_q
 
 def test_survivor_is_the_same_whatever_the_row_order(real_qa, catalog, encoder, tmp_path):
     mixed = plant_paraphrases(real_qa, catalog)
-    cache = EmbeddingCache(tmp_path, encoder.model_id)
+    cache = EmbeddingCache(tmp_path, encoder.vectors_id)
     a = deduplicate(mixed, DedupConfig(), encoder, cache, seed=42)
     b = deduplicate(mixed.sample(frac=1, random_state=7), DedupConfig(), encoder, cache, seed=42)
     pd.testing.assert_frame_equal(a[1], b[1])
@@ -83,28 +86,28 @@ def test_survivor_is_the_same_whatever_the_row_order(real_qa, catalog, encoder, 
 
 def test_cache_embeds_each_text_once(real_qa, tmp_path):
     first = SentenceTransformerEncoder()
-    texts, _ = question_vectors(real_qa, first, EmbeddingCache(tmp_path, first.model_id))
+    texts, _ = question_vectors(real_qa, first, EmbeddingCache(tmp_path, first.vectors_id))
     assert first.texts_encoded == len(set(texts)) < len(texts)  # repeated phrasings are free
     second = SentenceTransformerEncoder()
-    question_vectors(real_qa, second, EmbeddingCache(tmp_path, second.model_id))
+    question_vectors(real_qa, second, EmbeddingCache(tmp_path, second.vectors_id))
     assert second.texts_encoded == 0 and second._model is None  # all from disk, model never loaded
     third = SentenceTransformerEncoder()
     extra = real_qa.head(3).assign(question=["Brand new question one?", "Another new one?", "Is there text?"])
-    question_vectors(pd.concat([real_qa, extra]), third, EmbeddingCache(tmp_path, third.model_id))
+    question_vectors(pd.concat([real_qa, extra]), third, EmbeddingCache(tmp_path, third.vectors_id))
     assert third.texts_encoded == 2  # only the unseen texts ("Is there text?" was seen)
 
 
 def test_empty_and_single_row_inputs(real_qa, encoder, tmp_path):
     for qa in (real_qa.head(0), real_qa.head(1)):
-        kept, dups, figures, _ = deduplicate(qa, DedupConfig(), encoder, EmbeddingCache(tmp_path, encoder.model_id), 1)
+        kept, dups, figures, _ = deduplicate(qa, DedupConfig(), encoder, EmbeddingCache(tmp_path, encoder.vectors_id), 1)
         assert len(kept) == len(qa) and dups.empty and figures["rows_in"] == len(qa)
 
 
 def test_global_cap_is_seeded_and_counted(real_qa, encoder, tmp_path):
     cfg = DedupConfig(scopes=("global",), max_repeats=2)
-    kept, dups, figures, _ = deduplicate(real_qa, cfg, encoder, EmbeddingCache(tmp_path, encoder.model_id), seed=3)
+    kept, dups, figures, _ = deduplicate(real_qa, cfg, encoder, EmbeddingCache(tmp_path, encoder.vectors_id), seed=3)
     assert set(dups.rule) == {"cap"} and figures["global"]["removed_by_cap"] == len(dups) > 0
-    texts, _ = question_vectors(kept, encoder, EmbeddingCache(tmp_path, encoder.model_id))
+    texts, _ = question_vectors(kept, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
     assert max(pd.Series(texts).value_counts()) <= 2
     hist = figures["global"]["nearest_neighbour_histogram"]
     assert sum(hist.values()) == figures["global"]["distinct_phrasings"]
@@ -118,7 +121,7 @@ def test_cross_split_leakage_by_image_content(real_qa, encoder, tmp_path):
                            "split": ["train", "test"]})
     images = pd.DataFrame({"source": "kvasir-vqa", "img_id": [one.img_id.iloc[0], "twin-of-first"],
                            "sha256": ["same-bytes", "same-bytes"]})
-    _, vectors = question_vectors(qa, encoder, EmbeddingCache(tmp_path, encoder.model_id))
+    _, vectors = question_vectors(qa, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
     leaks = cross_split_leakage(qa, vectors, splits, images, 0.5)
     assert set(leaks.test_qa_id) == set(twin.qa_id) and (leaks.similarity > 0.99).all()
     images.loc[1, "sha256"] = "other-bytes"
@@ -185,10 +188,13 @@ def test_threshold_calibration_floors(calibration, encoder):
 class HashEncoder:
     """A stand-in model for the cache tests: a fixed unit vector per text (from its sha256), counted."""
 
-    model_id = "hash-encoder"
+    model_id = vectors_id = "hash-encoder"
 
     def __init__(self):
         self.texts_encoded = 0
+
+    def replica(self):
+        return type(self)()
 
     def encode(self, texts):
         self.texts_encoded += len(texts)
@@ -202,14 +208,14 @@ CACHE_TEXTS = [f"is there question number {i}" for i in range(12)]
 
 
 def test_unreadable_segments_are_skipped_and_their_texts_embedded_again(tmp_path, caplog):
-    clean = embed_texts(CACHE_TEXTS, HashEncoder(), EmbeddingCache(tmp_path / "clean", HashEncoder.model_id))
+    clean = embed_texts(CACHE_TEXTS, HashEncoder(), EmbeddingCache(tmp_path / "clean", HashEncoder.vectors_id))
     (segment,) = (tmp_path / "clean").glob("seg-*.npz")
     folder = tmp_path / "damaged"
     folder.mkdir()
     whole = segment.read_bytes()
     (folder / "seg-x.npz").write_bytes(whole[:len(whole) // 2])  # torn: a writer killed mid-write
     (folder / "seg-empty.npz").write_bytes(b"")
-    cache = EmbeddingCache(folder, HashEncoder.model_id)
+    cache = EmbeddingCache(folder, HashEncoder.vectors_id)
     keys = np.array([cache.key(t) for t in CACHE_TEXTS])
     wrong = np.full((len(keys), 32), 32 ** -0.5, np.float32)  # readable vectors that must never be used
     np.savez(folder / "seg-y.tmp.npz", keys=keys, vectors=wrong)  # an older version's temp name
@@ -230,7 +236,7 @@ def test_unreadable_segments_are_skipped_and_their_texts_embedded_again(tmp_path
     assert all(any(name in w for w in warnings) for name in planted), warnings
     # The texts went to a new, readable segment: the next run reads them and embeds nothing.
     again = HashEncoder()
-    np.testing.assert_array_equal(embed_texts(CACHE_TEXTS, again, EmbeddingCache(folder, again.model_id)), clean)
+    np.testing.assert_array_equal(embed_texts(CACHE_TEXTS, again, EmbeddingCache(folder, again.vectors_id)), clean)
     assert again.texts_encoded == 0
 
 
@@ -245,14 +251,14 @@ def test_failed_segment_write_leaves_nothing_the_loader_reads(tmp_path, monkeypa
         f = open(file, "wb") if isinstance(file, (str, os.PathLike)) else file
         f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
         f.flush()
-        reader = EmbeddingCache(tmp_path, HashEncoder.model_id)
+        reader = EmbeddingCache(tmp_path, HashEncoder.vectors_id)
         at_failure.update(found=reader.lookup(CACHE_TEXTS), skipped=reader.skipped_segments,
                           files=sorted(p.name for p in tmp_path.iterdir()))
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez", savez_until_disk_full)
     with pytest.raises(OSError, match="No space left"):
-        embed_texts(CACHE_TEXTS, HashEncoder(), EmbeddingCache(tmp_path, HashEncoder.model_id))
+        embed_texts(CACHE_TEXTS, HashEncoder(), EmbeddingCache(tmp_path, HashEncoder.vectors_id))
     # The half-written file exists under a temp name no reader looks at (and stale-temp removal knows) ...
     assert at_failure["found"] == {} and at_failure["skipped"] == []
     assert len(at_failure["files"]) == 1 and fnmatch(at_failure["files"][0], TEMP_GLOBS[0])
@@ -261,7 +267,7 @@ def test_failed_segment_write_leaves_nothing_the_loader_reads(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     encoder = HashEncoder()
-    embed_texts(CACHE_TEXTS, encoder, EmbeddingCache(tmp_path, encoder.model_id))
+    embed_texts(CACHE_TEXTS, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
     assert encoder.texts_encoded == len(CACHE_TEXTS) and len(list(tmp_path.glob("seg-*.npz"))) == 1
 
 
@@ -274,7 +280,7 @@ def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     for path in stale:
         os.utime(path, (long_ago, long_ago))
     encoder = HashEncoder()
-    embed_texts(CACHE_TEXTS, encoder, EmbeddingCache(tmp_path, encoder.model_id))
+    embed_texts(CACHE_TEXTS, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
     assert not any(p.exists() for p in stale) and all(p.exists() for p in young)
     assert encoder.texts_encoded == len(CACHE_TEXTS)
 
@@ -296,10 +302,11 @@ def test_blocks_depend_on_the_texts_not_their_order_and_a_killed_embedding_keeps
             return super().encode(texts)
 
     with pytest.raises(KeyboardInterrupt):
-        embed_texts(texts, KilledAfterTwoBlocks(), EmbeddingCache(tmp_path, HashEncoder.model_id), block_size=5)
+        embed_texts(texts, KilledAfterTwoBlocks(), EmbeddingCache(tmp_path, HashEncoder.vectors_id), block_size=5,
+                    threads=1)
     assert len(list(tmp_path.glob("seg-*.npz"))) == 2  # one segment per finished block
     encoder = HashEncoder()
-    vectors = embed_texts(texts, encoder, EmbeddingCache(tmp_path, encoder.model_id), block_size=5)
+    vectors = embed_texts(texts, encoder, EmbeddingCache(tmp_path, encoder.vectors_id), block_size=5)
     assert encoder.texts_encoded == len(texts) - 10  # the re-run encodes only the unfinished blocks
     np.testing.assert_array_equal(vectors, HashEncoder().encode(texts))
 
@@ -312,5 +319,63 @@ def test_an_encoder_that_loses_a_text_stores_nothing_of_that_block(tmp_path):
             return super().encode(texts)[:-1]
 
     with pytest.raises(RuntimeError, match="returned 4 vectors for 5 texts"):
-        embed_texts(CACHE_TEXTS, DropsOne(), EmbeddingCache(tmp_path, HashEncoder.model_id), block_size=5)
+        embed_texts(CACHE_TEXTS, DropsOne(), EmbeddingCache(tmp_path, HashEncoder.vectors_id), block_size=5)
     assert list(tmp_path.glob("seg-*.npz")) == []
+
+
+def test_every_block_is_encoded_on_one_kernel_thread_and_the_process_keeps_its_count(real_qa, tmp_path):
+    """On an AVX-512 Xeon, torch's kernels gave other last bits on 1 thread than on 2, so a block's vectors
+    depended on where it was encoded (issue 23). Every forward pass of the model runs on one kernel thread
+    whatever the process's count, on the pool's threads with one replica each; the vectors are those of one
+    block at a time; and the process's own count (MKL's and OpenMP's too, which faiss uses) is back after."""
+    import torch
+
+    seen: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(torch.get_num_threads()) if type(module).__name__ == "BertLayer" else None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        blocks = text_blocks(sorted({normalise_question(q) for q in real_qa.question}), 16)[:6]
+        encoder = SentenceTransformerEncoder()
+        threaded = encode_blocks(blocks, encoder, EmbeddingCache(tmp_path, encoder.vectors_id), threads=2)
+        serial = [encoder.encode(block) for block in blocks]
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert len(seen) >= 2 * len(blocks) and set(seen) == {1}
+    assert encoder.texts_encoded == 2 * sum(map(len, blocks))  # the replicas' texts count for the encoder
+    assert all(np.array_equal(a, b) for a, b in zip(threaded, serial))
+    # torch.set_num_threads on a pool thread also sets the process's default, which every thread that has not
+    # run torch yet takes at its first torch call: unless restored, torch on a later thread of the flow would
+    # run on one core. Seen in a fresh process (pytest's threads have all run torch already).
+    counts = subprocess.run([sys.executable, "-c", THREAD_COUNT_AFTER_ENCODING], capture_output=True, text=True,
+                            check=True).stdout.split()
+    assert counts == ["2", "2"]
+
+
+THREAD_COUNT_AFTER_ENCODING = """
+import threading, torch
+from dedup import SentenceTransformerEncoder
+from dedup.embed import encode_blocks
+torch.set_num_threads(2)
+encode_blocks([[f"question {i} of block {b}" for i in range(20)] for b in range(4)], SentenceTransformerEncoder(),
+              None, threads=2)
+later = threading.Thread(target=lambda: print(torch.get_num_threads()))
+later.start(); later.join()
+print(torch.get_num_threads())
+"""
+
+
+def test_the_cache_key_names_the_cpu_kernels_and_their_overrides():
+    """A cache shared by machines of two CPU kinds, or filled under a forced kernel path, never hands one
+    path's vectors to the other: the kernel overrides are part of `vectors_id`, the model id (shown in
+    figures) is the same."""
+    probe = ("from dedup import SentenceTransformerEncoder as E; e = E(); "
+             "print(e.model_id); print(e.vectors_id)")
+    native, forced = (subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                                     env={**os.environ, **env}).stdout.split("\n")[:2]
+                      for env in ({}, CPU_PATHS["torch"]))
+    assert native[0] == forced[0] and "torch==" in native[0] and "sentence-transformers==" in native[0]
+    assert native[1] != forced[1] and native[1].startswith(native[0])
+    assert all(f"{k}={v}" in forced[1] for k, v in CPU_PATHS["torch"].items())

@@ -74,7 +74,7 @@ def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encode
     config = DedupConfig()
     results = {}
     for encoder in (torch_encoder, onnx_encoder):
-        cache = EmbeddingCache(tmp_path / encoder.backend, encoder.model_id)
+        cache = EmbeddingCache(tmp_path / encoder.backend, encoder.vectors_id)
         kept, dups, _, _ = deduplicate(qa, config, encoder, cache, seed=42)
         _, vectors = question_vectors(qa, encoder, cache)
         results[encoder.backend] = kept, dups, cross_split_leakage(qa, vectors, splits, content, config.threshold)
@@ -89,9 +89,9 @@ def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encode
 
 def test_backends_never_share_cached_vectors(torch_encoder, onnx_encoder, tmp_path):
     texts = ["is there text", "where is the polyp", "how many instruments are visible"]
-    embed_texts(texts, torch_encoder, EmbeddingCache(tmp_path, torch_encoder.model_id))
+    embed_texts(texts, torch_encoder, EmbeddingCache(tmp_path, torch_encoder.vectors_id))
     before = onnx_encoder.texts_encoded
-    embed_texts(texts, onnx_encoder, EmbeddingCache(tmp_path, onnx_encoder.model_id))
+    embed_texts(texts, onnx_encoder, EmbeddingCache(tmp_path, onnx_encoder.vectors_id))
     assert onnx_encoder.texts_encoded - before == len(texts)  # nothing taken from torch's vectors
     assert torch_encoder.model_id != onnx_encoder.model_id and "onnx" in onnx_encoder.model_id
 
@@ -171,3 +171,17 @@ def test_failed_build_leaves_nothing_and_stale_temps_are_removed(tmp_path):
     os.utime(dead, (time.time() - STALE_TEMP_AGE_S - 60,) * 2)
     publish_folder_once(tmp_path / "model-z", lambda folder: (folder / "done").write_text("yes"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model-z.live.tmp", "model-z"]
+
+
+def test_onnx_runtime_encodes_on_one_thread_whatever_the_process_asks(onnx_encoder, monkeypatch):
+    """ONNX Runtime's session runs its kernels on the calling thread (one intra-op thread, no inter-op pool),
+    as torch does (`one_kernel_thread`): the thread count never enters its arithmetic either, and
+    `encode_blocks` runs several sessions (replicas) at once instead."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    replica = onnx_encoder.replica()
+    replica.load()
+    for encoder in (onnx_encoder, replica):
+        config = encoder._session.get_session_options()
+        assert config.intra_op_num_threads == config.inter_op_num_threads == 1
+    texts = ["is there a polyp in the image", "how many instruments are visible"]
+    np.testing.assert_array_equal(replica.encode(texts), onnx_encoder.encode(texts))

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from conftest import copy_sample, run_cli, tree_digests, write_config
+from dedup import EmbeddingCache, SentenceTransformerEncoder, normalise_question
+from kvqa.cpu_paths import ALL_BASELINE
 
 
 def _counts_from_card(readme: str) -> dict:
@@ -76,13 +82,16 @@ def _same_run(a: Path, b: Path) -> None:
 def test_killed_run_resumes_to_the_same_bytes_and_a_rerun_is_cached(sample_run, tmp_path):
     """One run killed after each of three stages in turn (each re-run resumes the last one's kill), then
     finished: every resume keeps what was marked done, redoes the unmarked stage, and the end is the
-    uninterrupted run's bytes. Every stage of it ran in another process than `sample_run`'s, so this is
-    also the two-runs-are-byte-identical check; then a re-run is wholly cached and changes nothing. One
-    chain instead of a fresh run per kill point (and a third build) keeps the test to about one build."""
+    uninterrupted run's bytes. Every stage of it ran in another process than `sample_run`'s, and on other CPU
+    kernels (`ALL_BASELINE`: torch, numpy, OpenCV, faiss, libjpeg-turbo and OpenBLAS forced below AVX2, the
+    paths another CPU would take), so this is also the two-runs-are-byte-identical check and README's
+    cross-machine one: the embedding vectors moved (checked below), the tables did not. Then a re-run is wholly
+    cached and changes nothing. One chain instead of a fresh run per kill point (and a third build) keeps the
+    test to about one build."""
     root = tmp_path / "runs"
     previous = None
     for stage in ["generate", "augment", "release", None]:
-        env = {"KVQA_KILL_AFTER_STAGE": stage} if stage else None
+        env = {**ALL_BASELINE, **({"KVQA_KILL_AFTER_STAGE": stage} if stage else {})}
         proc = run_cli("build", "--output-root", str(root), env=env, check=stage is None)
         if stage:
             assert proc.returncode == -signal.SIGKILL
@@ -93,10 +102,24 @@ def test_killed_run_resumes_to_the_same_bytes_and_a_rerun_is_cached(sample_run, 
             assert f"stage {previous:<9} done" in proc.stderr
         previous = stage
     _same_run(root / "sample", sample_run)
-    again = run_cli("build", "--output-root", str(root))
+    # The forced kernels ran, and gave other last bits: the shared cache holds both paths' vectors, apart.
+    texts = sorted({normalise_question(q) for q in pd.read_parquet(sample_run / "stages" / "qa.parquet").question})
+    native, forced = (EmbeddingCache(Path(os.environ["KVQA_EMBED_CACHE"]), vectors_id).lookup(texts)
+                      for vectors_id in (SentenceTransformerEncoder().vectors_id, forced_vectors_id()))
+    assert len(native) == len(forced) == len(texts)
+    assert any(not np.array_equal(native[t], forced[t]) for t in texts)
+    assert max(float(np.abs(native[t] - forced[t]).max()) for t in texts) < 1e-5
+    again = run_cli("build", "--output-root", str(root), env=ALL_BASELINE)
     markers = list((root / "sample" / "stages").glob("*.done.json"))
     assert again.stderr.count(" cached (key ") == len(markers) == 14 and " done: " not in again.stderr
     _same_run(root / "sample", sample_run)
+
+
+def forced_vectors_id() -> str:
+    """The torch encoder's `vectors_id` in a process under `ALL_BASELINE`."""
+    probe = "from dedup import SentenceTransformerEncoder; print(SentenceTransformerEncoder().vectors_id)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                          env={**os.environ, **ALL_BASELINE}).stdout.strip()
 
 
 def test_every_stage_of_a_build_ran_as_its_own_prefect_task_run(sample_run):
