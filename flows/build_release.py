@@ -197,7 +197,7 @@ def write_hub_release(cfg: Config, run_dir: Path) -> dict:
 
     def build():
         all_qa, splits, images, augmentations, bad_images = (read_table(run_dir / f) for f in upstream)
-        qa, expert = expert_rejected(all_qa, load_verdicts(run_dir))
+        qa, expert = expert_rejected(all_qa, load_verdicts(run_dir), images)
         kept = release_rows(qa, splits, images)["qa_id"]
         rejected = unreleased_rows(qa, kept, bad_images)
         reconcile("QA rows", len(all_qa), len(kept), len(rejected) + len(expert))
@@ -265,7 +265,7 @@ def write_explanations_config(cfg: Config, run_dir: Path) -> dict:
 
     def build():
         explanations, all_qa, splits, images = (read_table(run_dir / f) for f in upstream)
-        qa, _ = expert_rejected(all_qa, load_verdicts(run_dir))  # the rows judged wrong leave both configs
+        qa, _ = expert_rejected(all_qa, load_verdicts(run_dir), images)  # the rows judged wrong leave both configs
         release_dir = run_dir / "release"
         files = write_explanation_release(qa, splits, images, explanations, release_dir, cfg.publish)
         if not files:
@@ -317,7 +317,7 @@ def export_swift(cfg: Config, run_dir: Path) -> dict:
 
     def build():
         qa, splits, images, augmentations = (read_table(run_dir / f) for f in upstream)
-        qa, _ = expert_rejected(qa, load_verdicts(run_dir))
+        qa, _ = expert_rejected(qa, load_verdicts(run_dir), images)
         out = run_dir / "export" / "swift"
         shutil.rmtree(out, ignore_errors=True)
         rows = release_rows(qa, splits, images)
@@ -370,7 +370,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         explained = write_explanations_config(cfg, run_dir)
         release["explanation_files"] = explained["files"]
         report["release"]["explanation_rows"] = explained["rows"]
-        review_rates = error_rates(load_verdicts(run_dir), read_table(run_dir / "stages/qa_dedup.parquet"))
+        review_rates = error_rates(load_verdicts(run_dir), read_table(run_dir / "stages/qa_dedup.parquet"),
+                                   read_table(run_dir / "stages/images.parquet"))
         report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"],
                                             review_rates)
         report["export"] = export_swift(cfg, run_dir)

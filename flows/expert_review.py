@@ -22,8 +22,8 @@ from kvqa.config import load_config
 from kvqa.errors import BadInput
 from kvqa.tables import read_table, write_table
 from publish.release import release_row_digests
-from review import (VERDICTS_FILE, load_verdicts, merge_verdicts, read_filled_sheet, reviewable_rows,
-                    stratified_sample, write_review_sheet)
+from review import (VERDICTS_FILE, current_verdicts, load_verdicts, merge_verdicts, read_filled_sheet,
+                    reviewable_rows, stratified_sample, write_review_sheet)
 
 log = logging.getLogger("kvqa")
 
@@ -72,8 +72,8 @@ def check_import(sheet: str, run: str, output_root: str | None) -> tuple[Path, P
     run_dir = resolve_run(run, output_root)
     config = review_config(run_dir)
     qa, splits, images = _run_tables(run_dir)
-    known = set(reviewable_rows(qa, splits, images)["qa_id"])
-    return run_dir, config, read_filled_sheet(Path(sheet), known)
+    rows = reviewable_rows(qa, splits, images)
+    return run_dir, config, read_filled_sheet(Path(sheet), dict(zip(rows["qa_id"], rows["row_digest"])))
 
 
 @flow(name="review_import", log_prints=True)
@@ -83,8 +83,10 @@ def import_review(sheet: str, run: str, output_root: str | None = None) -> dict:
     with run_lock(run_dir, "review_import"):
         recorded = load_verdicts(run_dir)
         merged = merge_verdicts(recorded, new)
-        wrong_before = set(recorded.loc[recorded["verdict"] == "wrong", "qa_id"])
-        wrong_after = set(merged.loc[merged["verdict"] == "wrong", "qa_id"])
+        qa, _, images = _run_tables(run_dir)
+        wrong_before, wrong_after = (set(v.loc[v["verdict"] == "wrong", "qa_id"])
+                                     for v in (current_verdicts(recorded, qa, images)[0],
+                                               current_verdicts(merged, qa, images)[0]))
         before = release_row_digests(run_dir / "release")
         snap = snapshot_run(run_dir)
         try:
@@ -102,8 +104,13 @@ def import_review(sheet: str, run: str, output_root: str | None = None) -> dict:
                               "rolled back, nothing applied")
         drop_snapshot(snap)
     counts = new["verdict"].value_counts().to_dict()
+    void = len(current_verdicts(new, qa, images)[1])
+    if void:
+        log.warning("review: %d of the sheet's verdicts are void: their rows changed since the sheet was exported "
+                    "(the next `kvqa review export` offers them again)", void)
     log.info("review: %d verdicts recorded in %s, release rows %d -> %d", len(new), run_dir.name, len(before),
              len(after))
     return {"run": run_dir.name, "verdicts": {v: int(counts.get(v, 0)) for v in ("ok", "wrong", "unclear")},
+            "void": void,
             "release_rows_before": len(before), "release_rows_after": len(after), "removed": sorted(removed),
             "report": report}

@@ -121,7 +121,9 @@ def _review_section(rates: list[dict] | None) -> list[str]:
             _table(["question_class", "reviewed", "ok", "wrong", "unclear", "error rate", "95 % interval"],
                    [[r["question_class"], r["reviewed"], r["ok"], r["wrong"], r["unclear"],
                      "-" if r["error_rate"] is None else f"{100 * r['error_rate']:.1f} %",
-                     f"{100 * r['ci_low']:.1f} - {100 * r['ci_high']:.1f} %"] for r in rates]), ""]
+                     f"{100 * r['ci_low']:.1f} - {100 * r['ci_high']:.1f} %"] for r in rates]), "",
+            f"Void verdicts (their row's question, answer or image changed after the review, so they count "
+            f"nowhere above and the rows are offered for review again): {rates[0]['void']}.", ""]
 
 
 def augmented_counts(release_dir: Path, files: dict[str, list[dict]]) -> dict:

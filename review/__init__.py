@@ -5,13 +5,14 @@ verdicts brought back into the run.
 and `comment` columns, Label Studio import JSON); `verdicts` reads a filled sheet (every problem as
 `file:line: what`, nothing applied on any), records the verdicts in the run, turns `wrong` rows into
 quarantine rows (`review/expert_rejected`) for the release stage, and states the sampled error rate per
-class with a 95 % Wilson interval.
+class with a 95 % Wilson interval. A verdict holds for the text and image its reviewer read (`row_digest`):
+once its row changes it is void, and the row is offered for review again.
 """
 
 from review.export import SHEET_COLUMNS, reviewable_rows, stratified_sample, write_review_sheet
-from review.verdicts import (VERDICTS, VERDICTS_FILE, ReviewSheetError, error_rates, expert_rejected, load_verdicts,
-                             merge_verdicts, read_filled_sheet, wilson_interval)
+from review.verdicts import (VERDICTS, VERDICTS_FILE, ReviewSheetError, current_verdicts, error_rates, expert_rejected,
+                             load_verdicts, merge_verdicts, read_filled_sheet, row_digests, wilson_interval)
 
-__all__ = ["SHEET_COLUMNS", "VERDICTS", "VERDICTS_FILE", "ReviewSheetError", "error_rates", "expert_rejected",
-           "load_verdicts", "merge_verdicts", "read_filled_sheet", "reviewable_rows", "stratified_sample",
-           "wilson_interval", "write_review_sheet"]
+__all__ = ["SHEET_COLUMNS", "VERDICTS", "VERDICTS_FILE", "ReviewSheetError", "current_verdicts", "error_rates",
+           "expert_rejected", "load_verdicts", "merge_verdicts", "read_filled_sheet", "reviewable_rows", "row_digests",
+           "stratified_sample", "wilson_interval", "write_review_sheet"]

@@ -30,9 +30,10 @@ import pandas as pd
 
 from kvqa.tables import atomic_path, stable_hash, write_json, write_text
 from publish.release import release_rows
+from review.verdicts import current_verdicts, row_digests
 
 SHEET_COLUMNS = ["review_id", "img_id", "source", "complexity", "question_class", "question", "answer",
-                 "atomic_labels", "explanation", "image", "verdict", "comment"]
+                 "atomic_labels", "explanation", "image", "row_digest", "verdict", "comment"]
 LABEL_STUDIO_CONFIG = """<View>
   <Image name="image" value="$image" maxWidth="640px"/>
   <Header value="$question"/>
@@ -51,11 +52,14 @@ LABEL_STUDIO_CONFIG = """<View>
 
 def reviewable_rows(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame,
                     verdicts: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The rows of the release (as the release stage selects them) that have no recorded verdict yet."""
+    """The rows of the release (as the release stage selects them) that have no current verdict (a void one,
+    on a row changed since, does not count: the row is offered again), with their `row_digest`."""
     rows = release_rows(qa, splits, images)
     if verdicts is not None and len(verdicts):
-        rows = rows[~rows["qa_id"].isin(set(verdicts["qa_id"]))]
-    return rows.reset_index(drop=True)
+        judged, _ = current_verdicts(verdicts, qa, images)
+        rows = rows[~rows["qa_id"].isin(set(judged["qa_id"]))]
+    digests = row_digests(qa, images)
+    return rows.assign(row_digest=[digests[q] for q in rows["qa_id"]]).reset_index(drop=True)
 
 
 def _cells(row) -> list[tuple[str, int]]:
@@ -107,7 +111,7 @@ def _sheet_rows(sample: pd.DataFrame) -> list[dict]:
                     "question_class": "; ".join(r.question_class), "question": r.question, "answer": r.answer,
                     "atomic_labels": _atomic_labels(r.original), "explanation": str(row.get("explanation") or ""),
                     "image": f"images/{r.source}__{r.img_id}{Path(r.path).suffix.lower()}",
-                    "verdict": "", "comment": ""})
+                    "row_digest": r.row_digest, "verdict": "", "comment": ""})
     return out
 
 

@@ -8,15 +8,23 @@ verdicts, repeated ids, a missing column) as `file:line: what` and raises one `R
 a later sheet overrides an earlier verdict for the same id. The release stage reads it as an input, so
 recording verdicts changes the release's cache key and `wrong` rows leave the release as quarantine rows
 (`review/expert_rejected`); nothing else in the release moves.
+
+A row id names a plan (source, image, level, classes), not a text: after a label fix or a backend switch the
+same id holds another question or answer. So each verdict keeps the digest of what the reviewer read
+(`row_digest`: question, answer and the image's sha256; the sheet carries it from `kvqa review export`), and
+a verdict whose row no longer has that digest (or is gone) is **void** (`current_verdicts`): it removes no
+row, counts in no error rate, is counted as void in the card, and its row is offered again by the next export.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from kvqa.errors import BadInput
@@ -24,7 +32,7 @@ from kvqa.tables import quarantine_frame, read_table
 
 VERDICTS = ("ok", "wrong", "unclear")
 VERDICTS_FILE = "review/verdicts.parquet"
-VERDICT_COLUMNS = ["qa_id", "verdict", "comment", "sheet", "line"]
+VERDICT_COLUMNS = ["qa_id", "verdict", "comment", "sheet", "line", "row_digest"]
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 MAX_LISTED_PROBLEMS = 5
 
@@ -34,18 +42,40 @@ class ReviewSheetError(BadInput):
 
 
 def load_verdicts(run_dir: Path) -> pd.DataFrame:
-    """The run's recorded verdicts (empty, with the columns, when none were imported)."""
+    """The run's recorded verdicts (empty, with the columns, when none were imported). Verdicts recorded
+    before digests were kept get an empty `row_digest`: what their reviewer read is unknown, so they are void."""
     path = Path(run_dir) / VERDICTS_FILE
     if not path.is_file():
         return pd.DataFrame({c: pd.Series(dtype="int64" if c == "line" else "object") for c in VERDICT_COLUMNS})
-    return read_table(path)
+    recorded = read_table(path)
+    return recorded if "row_digest" in recorded else recorded.assign(row_digest="")
 
 
-def read_filled_sheet(path: Path, known_ids: set[str]) -> pd.DataFrame:
+def row_digests(qa: pd.DataFrame, images: pd.DataFrame) -> dict[str, str]:
+    """qa_id -> digest of what a reviewer reads of the row: its question, its answer and its image's sha256."""
+    sha = dict(zip(zip(images["source"], images["img_id"]), images["sha256"]))
+    return {r.qa_id: hashlib.sha256(json.dumps([r.question, r.answer, sha.get((r.source, r.img_id), "")])
+                                    .encode()).hexdigest()[:32]
+            for r in qa[["qa_id", "source", "img_id", "question", "answer"]].itertuples(index=False)}
+
+
+def current_verdicts(verdicts: pd.DataFrame, qa: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(verdicts on rows that still read as the reviewer read them, void verdicts): a row whose question,
+    answer or image changed since its verdict, or that is gone, voids it."""
+    digests = row_digests(qa, images)
+    valid = np.array([bool(d) and digests.get(q) == d for q, d in zip(verdicts["qa_id"], verdicts["row_digest"])],
+                     dtype=bool)
+    return verdicts[valid], verdicts[~valid]
+
+
+def read_filled_sheet(path: Path, known: dict[str, str]) -> pd.DataFrame:
     """The reviewed rows of a filled sheet (`VERDICT_COLUMNS`), or ReviewSheetError naming every problem.
 
-    `known_ids` are the run's reviewable row ids: any other id is a typo or a sheet of another run, and
-    applying the rest would silently lose a verdict. Verdicts are case- and space-insensitive.
+    `known` maps the run's reviewable row ids to their current `row_digests`: any other id is a typo or a
+    sheet of another run, and applying the rest would silently lose a verdict. A verdict keeps the sheet's
+    `row_digest` (what the reviewer read; void if the row changed since the export); a sheet without that
+    column (exported before it existed) gets the row's current digest. Verdicts are case- and
+    space-insensitive.
     """
     path = Path(path)
     try:
@@ -68,7 +98,7 @@ def read_filled_sheet(path: Path, known_ids: set[str]) -> pd.DataFrame:
         missing = [c for c in ("review_id", "verdict") if c not in header]
         if missing:
             raise ReviewSheetError(f"{path}:1: header lacks {missing} (columns of `kvqa review export`'s sheet.csv)")
-        col = {name: header.index(name) for name in ("review_id", "verdict", "comment") if name in header}
+        col = {name: header.index(name) for name in ("review_id", "verdict", "comment", "row_digest") if name in header}
         seen: dict[str, int] = {}
         line = reader.line_num
         for record in reader:
@@ -80,7 +110,7 @@ def read_filled_sheet(path: Path, known_ids: set[str]) -> pd.DataFrame:
                 continue
             review_id = record[col["review_id"]].strip()
             verdict = record[col["verdict"]].strip().lower()
-            if review_id not in known_ids:
+            if review_id not in known:
                 problems.append(f"{path}:{start}: unknown review_id {review_id!r} (not a row of this run's release)")
             elif review_id in seen:
                 problems.append(f"{path}:{start}: review_id {review_id!r} already on line {seen[review_id]}")
@@ -91,7 +121,9 @@ def read_filled_sheet(path: Path, known_ids: set[str]) -> pd.DataFrame:
             if verdict:
                 rows.append({"qa_id": review_id, "verdict": verdict,
                              "comment": record[col["comment"]].strip() if "comment" in col else "",
-                             "sheet": path.name, "line": start})
+                             "sheet": path.name, "line": start,
+                             "row_digest": record[col["row_digest"]].strip() if "row_digest" in col
+                             else known.get(review_id, "")})
     except csv.Error as err:
         raise ReviewSheetError(f"{path}:{reader.line_num}: not a CSV sheet ({err})") from None
     if problems:
@@ -107,10 +139,12 @@ def merge_verdicts(recorded: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return merged[VERDICT_COLUMNS].sort_values("qa_id", kind="stable").reset_index(drop=True)
 
 
-def expert_rejected(qa: pd.DataFrame, verdicts: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(QA rows without those judged `wrong`, quarantine rows `review/expert_rejected` for the removed ones,
-    the reviewer's comment as detail and the judged question and answer as raw input)."""
-    wrong = verdicts[verdicts["verdict"] == "wrong"]
+def expert_rejected(qa: pd.DataFrame, verdicts: pd.DataFrame, images: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(QA rows without those judged `wrong` by a current verdict (`current_verdicts`), quarantine rows
+    `review/expert_rejected` for the removed ones, the reviewer's comment as detail and the judged question and
+    answer as raw input)."""
+    valid, _ = current_verdicts(verdicts, qa, images)
+    wrong = valid[valid["verdict"] == "wrong"]
     comments = dict(zip(wrong["qa_id"], wrong["comment"]))
     mask = qa["qa_id"].isin(comments)
     quarantine = quarantine_frame([
@@ -133,12 +167,14 @@ def wilson_interval(wrong: int, n: int, z: float = Z_95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def error_rates(verdicts: pd.DataFrame, qa: pd.DataFrame) -> list[dict]:
+def error_rates(verdicts: pd.DataFrame, qa: pd.DataFrame, images: pd.DataFrame) -> list[dict]:
     """Per question class (a row counts for each class it holds) and over all reviewed rows: rows judged,
     wrong, unclear, the sampled error rate wrong / (ok + wrong) and its 95 % Wilson interval. `unclear`
-    verdicts are counted but not in the rate: they say nothing about the row being right or wrong."""
+    verdicts are counted but not in the rate: they say nothing about the row being right or wrong. Only
+    current verdicts count (`current_verdicts`); the "all classes" row gives the void ones as `void`."""
     if not len(verdicts):
         return []
+    verdicts, void = current_verdicts(verdicts, qa, images)
     judged = verdicts[["qa_id", "verdict"]].merge(qa[["qa_id", "question_class"]], on="qa_id", how="inner")
     groups = [("all classes", judged)]
     exploded = judged.explode("question_class")
@@ -151,4 +187,5 @@ def error_rates(verdicts: pd.DataFrame, qa: pd.DataFrame) -> list[dict]:
                     "unclear": int((g["verdict"] == "unclear").sum()),
                     "error_rate": round(wrong / (wrong + ok), 4) if wrong + ok else None,
                     "ci_low": round(low, 4), "ci_high": round(high, 4)})
+    out[0]["void"] = len(void)
     return out

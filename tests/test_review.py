@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from conftest import run_cli, tree_digests
 
-from review import error_rates, read_filled_sheet, reviewable_rows, stratified_sample, wilson_interval
+from review import (current_verdicts, error_rates, expert_rejected, load_verdicts, read_filled_sheet, reviewable_rows,
+                    row_digests, stratified_sample, wilson_interval)
 from review.verdicts import ReviewSheetError
 
 
@@ -64,28 +65,69 @@ def test_a_malformed_sheet_is_rejected_with_every_line_named(tmp_path):
     sheet = _sheet(tmp_path / "s.csv", [["q1", "x", "ok", ""], ["q9", "x", "wrong", ""], ["q2", "x", "wrng", ""],
                                         ["q1", "x", "ok", ""], ["q3", "x", "", ""]])
     with pytest.raises(ReviewSheetError) as err:
-        read_filled_sheet(sheet, {"q1", "q2", "q3"})
+        read_filled_sheet(sheet, {"q1": "d1", "q2": "d2", "q3": "d3"})
     text = str(err.value)
     assert f"{sheet}:3: unknown review_id 'q9'" in text
     assert f"{sheet}:4: verdict 'wrng' is not one of ok, wrong, unclear" in text
     assert f"{sheet}:5: review_id 'q1' already on line 2" in text
     assert "\n" not in text and "nothing was applied" in text
     good = _sheet(tmp_path / "g.csv", [["q1", "x", " OK ", ""], ["q2", "x", "wrong", "no polyp"], ["q3", "x", "", ""]])
-    verdicts = read_filled_sheet(good, {"q1", "q2", "q3"})
-    assert verdicts[["qa_id", "verdict", "comment", "line"]].values.tolist() == [["q1", "ok", "", 2],
-                                                                                  ["q2", "wrong", "no polyp", 3]]
+    verdicts = read_filled_sheet(good, {"q1": "d1", "q2": "d2", "q3": "d3"})
+    # A sheet without `row_digest` (exported before it existed) gets the rows' current digests.
+    assert verdicts[["qa_id", "verdict", "comment", "line", "row_digest"]].values.tolist() == [
+        ["q1", "ok", "", 2, "d1"], ["q2", "wrong", "no polyp", 3, "d2"]]
     with pytest.raises(ReviewSheetError, match=r"s2.csv:1: header lacks \['verdict'\]"):
         (tmp_path / "s2.csv").write_text("review_id,comment\nq1,x\n")
-        read_filled_sheet(tmp_path / "s2.csv", {"q1"})
+        read_filled_sheet(tmp_path / "s2.csv", {"q1": "d1"})
+
+
+def _judged_rows(answers: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    qa = pd.DataFrame({"qa_id": ["1", "2", "3", "4"], "question_class": [["a"], ["a", "b"], ["b"], ["b"]],
+                       "source": "kvasir_vqa", "img_id": ["i1", "i2", "i3", "i4"],
+                       "question": ["Is there a polyp?"] * 4, "answer": answers})
+    images = pd.DataFrame({"source": "kvasir_vqa", "img_id": ["i1", "i2", "i3", "i4"], "sha256": ["s1", "s2", "s3", "s4"]})
+    return qa, images
 
 
 def test_error_rates_per_class_with_wilson_intervals():
-    qa = pd.DataFrame({"qa_id": ["1", "2", "3", "4"], "question_class": [["a"], ["a", "b"], ["b"], ["b"]]})
-    verdicts = pd.DataFrame({"qa_id": ["1", "2", "3", "4"], "verdict": ["wrong", "ok", "unclear", "ok"]})
-    rates = {r["question_class"]: r for r in error_rates(verdicts, qa)}
+    qa, images = _judged_rows(["yes", "no", "yes", "no"])
+    digests = row_digests(qa, images)
+    verdicts = pd.DataFrame({"qa_id": ["1", "2", "3", "4"], "verdict": ["wrong", "ok", "unclear", "ok"],
+                             "row_digest": [digests[q] for q in "1234"]})
+    rates = {r["question_class"]: r for r in error_rates(verdicts, qa, images)}
     assert (rates["all classes"]["wrong"], rates["all classes"]["ok"], rates["all classes"]["unclear"]) == (1, 2, 1)
     assert rates["a"]["error_rate"] == 0.5 and rates["b"]["error_rate"] == 0.0 and rates["b"]["unclear"] == 1
     assert (rates["a"]["ci_low"], rates["a"]["ci_high"]) == pytest.approx(wilson_interval(1, 2), abs=1e-4)
+    assert rates["all classes"]["void"] == 0
+
+
+def test_a_verdict_on_a_row_that_changed_is_void(capped_run, tmp_path):
+    """A row id names a plan, not a text: after a label fix or a backend switch the same id holds another answer
+    (or its image other bytes). An old `wrong` verdict must not remove the new row, an old `ok` must not count
+    in the error rate, and the row is offered again for review."""
+    qa, splits, images = (pd.read_parquet(capped_run / f"stages/{t}.parquet") for t in ("qa_dedup", "splits", "images"))
+    offered = reviewable_rows(qa, splits, images)
+    judged = offered.drop_duplicates(["source", "img_id"]).head(6)  # six images: a changed image voids one
+    verdicts = pd.DataFrame({"qa_id": judged["qa_id"], "verdict": ["wrong", "wrong", "ok", "ok", "ok", "ok"],
+                             "comment": "", "sheet": "s.csv", "line": range(2, 8), "row_digest": judged["row_digest"]})
+    assert set(offered["qa_id"]) - set(reviewable_rows(qa, splits, images, verdicts)["qa_id"]) == set(judged["qa_id"])
+    changed_answer, changed_ok, moved_image = judged["qa_id"].iloc[0], judged["qa_id"].iloc[2], judged.iloc[3]
+    relabelled = qa.assign(answer=qa["answer"].where(~qa["qa_id"].isin([changed_answer, changed_ok]), "Something else."))
+    rebytes = images.assign(sha256=images["sha256"].where(
+        ~((images["source"] == moved_image["source"]) & (images["img_id"] == moved_image["img_id"])), "0" * 64))
+    valid, void = current_verdicts(verdicts, relabelled, rebytes)
+    assert set(void["qa_id"]) == {changed_answer, changed_ok, moved_image["qa_id"]}
+    kept, quarantined = expert_rejected(relabelled, verdicts, rebytes)
+    assert changed_answer in set(kept["qa_id"]) and list(quarantined["key"]) == [judged["qa_id"].iloc[1]]
+    rates = error_rates(verdicts, relabelled, rebytes)[0]
+    assert rates["void"] == 3 and rates["reviewed"] == len(valid) == 3 and rates["wrong"] == 1
+    again = set(reviewable_rows(relabelled, splits, rebytes, verdicts)["qa_id"])
+    assert set(void["qa_id"]) <= again and not set(valid["qa_id"]) & again
+    # Verdicts recorded before digests were kept: what was read is unknown, so they are void.
+    legacy = verdicts.drop(columns="row_digest")
+    (tmp_path / "review").mkdir()
+    legacy.to_parquet(tmp_path / "review" / "verdicts.parquet")
+    assert len(current_verdicts(load_verdicts(tmp_path), qa, images)[1]) == 6
 
 
 def _export(run: Path, n: int, seed: int) -> Path:
@@ -105,6 +147,7 @@ def test_review_round_trip(capped_run):
     assert {"sheet.csv", "sheet.html", "label-studio.json", "label-studio.xml"} <= set(digests)
     rows = list(csv.DictReader((first / "sheet.csv").open()))
     assert len(rows) == 40 and all(r["verdict"] == "" and r["comment"] == "" for r in rows)
+    assert all(len(r["row_digest"]) == 32 for r in rows)
     explained = pd.read_parquet(run / "stages/explanations.parquet").set_index("qa_id")["explanation"]
     assert all(r["explanation"] == explained[r["review_id"]] for r in rows)  # the sheet shows each explanation
     assert all(f'<img src="{r["image"]}"' in (first / "sheet.html").read_text() for r in rows)
@@ -123,6 +166,7 @@ def test_review_round_trip(capped_run):
     for i, r in enumerate(rows[:10]):
         r["verdict"], r["comment"] = ("wrong", "answer contradicts the image") if i < 4 else ("ok", "")
     rows[10]["verdict"] = "unclear"
+    rows[11]["verdict"], rows[11]["row_digest"] = "ok", "0" * 32  # the row read is not the row now: void
     bad = [dict(r) for r in rows]
     bad[12]["verdict"] = "wrongg"
     bad_path = first.parent / "bad.csv"
@@ -148,9 +192,11 @@ def test_review_round_trip(capped_run):
     rejected = quarantine[quarantine["reason"] == "expert_rejected"]
     assert sorted(rejected["key"]) == sorted(wrong) and set(rejected["stage"]) == {"review"}
     verdicts = pd.read_parquet(run / "review/verdicts.parquet")
-    assert Counter(verdicts["verdict"]) == {"wrong": 4, "ok": 6, "unclear": 1}
+    assert Counter(verdicts["verdict"]) == {"wrong": 4, "ok": 7, "unclear": 1}
     card = (run / "release/README.md").read_text()
     assert "## Expert review" in card and "| all classes | 11 | 6 | 4 | 1 | 40.0 % |" in card
+    assert "offered for review again): 1." in card
+    assert rows[11]["review_id"] in {r["review_id"] for r in csv.DictReader((_export(run, 100000, 5) / "sheet.csv").open())}
     page = (run / "report.html").read_text()
     assert "40.0 %" in page and "report_files/review.png" in page
     swift = sum(len((run / f"export/swift/original-{s}.jsonl").read_text().splitlines()) for s in ("train", "test"))
