@@ -51,6 +51,12 @@ class StepSpec(BaseModel):
     input_size: str | None = None
     input_aspect: str | None = None
 
+    @property
+    def geometric(self) -> bool:
+        """The step moves pixels (albumentations' dual transforms: crops, affine maps), so it moves boxes too;
+        the others change only pixel values."""
+        return issubclass(getattr(A, self.transform), A.DualTransform)
+
     def init_args(self, height: int, width: int) -> dict[str, Any]:
         """The keyword arguments for this image's size: what the record stores and replay rebuilds from."""
         args = {k: _interpolation(k, v) for k, v in self.params.items()}

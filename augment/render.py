@@ -138,31 +138,62 @@ def json_safe(value: Any) -> Any:
 
 
 def plan_recipe(catalog: ArtifactCatalog, seed: int, source: str, img_id: str, variant: int,
-                height: int, width: int) -> list[dict]:
-    """The steps of one variant with their arguments and seeds, before anything is drawn."""
+                height: int, width: int, geometry: bool = True) -> list[dict]:
+    """The steps of one variant with their arguments and seeds, before anything is drawn; without
+    `geometry`, only the photometric ones (the image holds an answer that a moved frame would make false
+    and that no box can recompute: augment/frames.py). A step's seed does not depend on the others."""
     return [{"name": s.name, "transform": s.transform, "init": s.init_args(height, width),
-             "seed": step_seed(seed, source, img_id, variant, s.name)} for s in catalog.steps(variant)]
+             "seed": step_seed(seed, source, img_id, variant, s.name)}
+            for s in catalog.steps(variant) if geometry or not s.geometric]
 
 
-def apply_steps(pixels: np.ndarray, steps: list[dict], transforms: dict | None = None) -> tuple[np.ndarray, list[dict]]:
-    """Apply the steps one by one, each re-seeded from its own seed; return (pixels, the steps as applied).
+# A box stays on a variant while each geometric step leaves at least this share of it in the frame
+# (albumentations' `min_visibility`); a box under it is gone from the variant, so are its counts.
+MIN_VISIBLE = 0.5
 
-    `transforms` caches built transforms by (transform, init) within a worker: building validates
-    parameters with pydantic, which costs more than applying a cheap step.
+
+def _built(transforms: dict | None, key: tuple, build):
+    if transforms is None:
+        return build()
+    if key not in transforms:
+        transforms[key] = build()
+    return transforms[key]
+
+
+def apply_steps(pixels: np.ndarray, steps: list[dict], transforms: dict | None = None,
+                boxes: list[dict] = ()) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Apply the steps one by one, each re-seeded from its own seed; return (pixels, the steps as applied,
+    the boxes moved with the pixels).
+
+    `boxes` (label, xmin, ymin, xmax, ymax in pixels) go through each geometric step with the draw that
+    moved the pixels (the step wrapped in a Compose with `BboxParams`: the same transform object, so the
+    same seed and parameters; the pixels are the same as the step's alone), clipped to the frame, dropped
+    under `MIN_VISIBLE`, rounded to whole pixels. `transforms` caches built transforms by (transform, init)
+    within a worker: building validates parameters with pydantic, which costs more than applying a cheap step.
     """
     applied = []
+    labels = [b["label"] for b in boxes]
+    coords = [[b["xmin"], b["ymin"], b["xmax"], b["ymax"]] for b in boxes]  # kept unrounded between steps
     for step in steps:
         key = (step["transform"], json.dumps(step["init"], sort_keys=True))
-        t = transforms.get(key) if transforms is not None else None
-        if t is None:
-            t = build_transform(step["transform"], step["init"])
-            if transforms is not None:
-                transforms[key] = t
-        t.set_random_seed(step["seed"])
-        pixels = t(image=pixels)["image"]
+        t = _built(transforms, key, lambda: build_transform(step["transform"], step["init"]))
+        if coords and isinstance(t, A.DualTransform):
+            with_boxes = _built(transforms, (*key, "bboxes"), lambda: A.Compose(
+                [t], bbox_params=A.BboxParams(format="pascal_voc", label_fields=["box_index"],
+                                              min_visibility=MIN_VISIBLE, clip=True)))
+            t.set_random_seed(step["seed"])
+            out = with_boxes(image=pixels, bboxes=coords, box_index=list(range(len(coords))))
+            pixels = out["image"]
+            labels = [labels[int(i)] for i in out["box_index"]]
+            coords = [[float(v) for v in box] for box in out["bboxes"]]
+        else:
+            t.set_random_seed(step["seed"])
+            pixels = t(image=pixels)["image"]
         params = t.get_applied_params()
         applied.append({**step, "fired": bool(params), "params": json_safe(params)})
-    return pixels, applied
+    moved = [{"label": label, **{k: int(round(v)) for k, v in zip(("xmin", "ymin", "xmax", "ymax"), box)}}
+             for label, box in zip(labels, coords)]
+    return pixels, applied, moved
 
 
 def encode_jpeg(pixels: np.ndarray, mode: str, quality: int) -> bytes:
@@ -175,11 +206,11 @@ def encode_jpeg(pixels: np.ndarray, mode: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int) -> str:
-    """The variant's record as canonical JSON (the `recipe` column)."""
+def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int, input_boxes: list[dict]) -> str:
+    """The variant's record as canonical JSON (the `recipe` column), with the boxes it moved."""
     return json.dumps({"versions": VERSIONS, "input_mode": decoded.input_mode, "output_mode": decoded.output_mode,
-                       "exif_orientation": decoded.orientation, "jpeg_quality": quality, "steps": applied},
-                      sort_keys=True, separators=(",", ":"))
+                       "exif_orientation": decoded.orientation, "jpeg_quality": quality, "steps": applied,
+                       "input_boxes": input_boxes}, sort_keys=True, separators=(",", ":"))
 
 
 class ReplayMismatch(AssertionError):
@@ -191,7 +222,7 @@ def replay_variant(recipe_json: str, image_path: Path, max_pixels: int = DEFAULT
     recipe = json.loads(recipe_json)
     decoded = decode_image(Path(image_path).read_bytes(), Path(image_path).name, max_pixels)
     steps = [{k: s[k] for k in ("name", "transform", "init", "seed")} for s in recipe["steps"]]
-    pixels, applied = apply_steps(decoded.pixels, steps)
+    pixels, applied, _ = apply_steps(decoded.pixels, steps)
     for want, got in zip(recipe["steps"], applied):
         if json.dumps(want, sort_keys=True) != json.dumps(got, sort_keys=True):
             raise ReplayMismatch(f"step {want['name']}: recorded {want['params']}, replayed {got['params']}")

@@ -13,7 +13,9 @@ Augmentations table (`stages/augmentations.parquet`), one row per variant:
 | width, height | int | pixel size (always the input's) |
 | mode | str | `RGB`, or `L` for grayscale inputs |
 | n_bytes | int | JPEG size |
-| recipe | str | JSON: versions, modes, quality and every step's transform, arguments, seed and applied parameters |
+| geometry | bool | the geometric base steps ran (false: photometric only, see augment/frames.py) |
+| boxes | str | JSON list of the variant's boxes (label, xmin, ymin, xmax, ymax in its pixels): the input's boxes moved by the geometric steps, clipped, those under `MIN_VISIBLE` dropped |
+| recipe | str | JSON: versions, modes, quality, the input boxes and every step's transform, arguments, seed and applied parameters |
 
 Images are cut into batches of `chunk_size` (the unit of resumption): a batch renders all variants of its
 images (each image is decoded once and encoded n times) and writes its records to `augment/records/`, so a
@@ -67,9 +69,9 @@ from kvqa.tables import (atomic_path, quarantine_frame, remove_orphan_temps, sta
                          write_table_pieces)
 
 AUGMENT_COLUMNS = ["source", "img_id", "variant", "artifact", "input_sha256", "output_path", "output_sha256",
-                   "width", "height", "mode", "n_bytes", "recipe"]
+                   "width", "height", "mode", "n_bytes", "geometry", "boxes", "recipe"]
 AUGMENT_DTYPES = {**dict.fromkeys(AUGMENT_COLUMNS, "str"), "variant": "int32", "width": "int32", "height": "int32",
-                  "n_bytes": "int64"}
+                  "n_bytes": "int64", "geometry": "bool"}
 # Rows per row group of the stage table: what the flow holds at once while writing it (~26 MB of records).
 ROW_GROUP_ROWS = 16_384
 RECORDS_DIR = "augment/records"
@@ -116,12 +118,15 @@ def _planned_steps(recipe_json: str) -> list[dict]:
     return [{k: s[k] for k in ("name", "transform", "init", "seed")} for s in json.loads(recipe_json)["steps"]]
 
 
-def _reusable(prior: dict | None, planned: list[dict], input_sha: str, settings: RenderSettings) -> bool:
-    """A recorded variant can stand when it planned exactly this and its file still has its digest."""
+def _reusable(prior: dict | None, planned: list[dict], input_sha: str, boxes: list[dict],
+              settings: RenderSettings) -> bool:
+    """A recorded variant can stand when it planned exactly this for the same boxes and its file still has
+    its digest."""
     if prior is None or prior["input_sha256"] != input_sha:
         return False
     recipe = json.loads(prior["recipe"])
     if (recipe["jpeg_quality"] != settings.jpeg_quality or recipe["versions"] != VERSIONS
+            or recipe.get("input_boxes") != boxes
             or _planned_steps(prior["recipe"]) != json.loads(json.dumps(planned))):
         return False
     path = settings.run_dir / prior["output_path"]
@@ -129,27 +134,30 @@ def _reusable(prior: dict | None, planned: list[dict], input_sha: str, settings:
 
 
 def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, transforms: dict) -> tuple[list[dict], int]:
-    """All variants of one image; returns (records, how many were rendered rather than reused)."""
+    """All variants of one image (a row of `augment.frames.frame_plan`: its path, whether the geometric
+    steps run, its boxes); returns (records, how many were rendered rather than reused)."""
     data = Path(image["path"]).read_bytes()
     input_sha = hashlib.sha256(data).hexdigest()
     catalog, records, rendered = settings.catalog, [], 0
+    geometry, boxes = bool(image["geometry"]), list(image["boxes"])
     decoded = None
     for variant, artifact in enumerate(catalog.artifacts):
         old = prior.get(variant)
         if old is not None and decoded is None:
             planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant,
-                                  int(old["height"]), int(old["width"]))
-            if _reusable(old, planned, input_sha, settings):
+                                  int(old["height"]), int(old["width"]), geometry)
+            if _reusable(old, planned, input_sha, boxes, settings):
                 records.append(old)
                 continue
         if decoded is None:
             decoded = decode_image(data, Path(image["path"]).name, settings.max_pixels)
         height, width = decoded.pixels.shape[:2]
-        planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant, height, width)
-        if _reusable(old, planned, input_sha, settings):
+        planned = plan_recipe(catalog, settings.seed, image["source"], image["img_id"], variant, height, width,
+                              geometry)
+        if _reusable(old, planned, input_sha, boxes, settings):
             records.append(old)
             continue
-        pixels, applied = apply_steps(decoded.pixels, planned, transforms)
+        pixels, applied, moved = apply_steps(decoded.pixels, planned, transforms, boxes)
         jpeg = encode_jpeg(pixels, decoded.output_mode, settings.jpeg_quality)
         rel = output_path(image["source"], image["img_id"], variant, artifact.name)
         with atomic_path(settings.run_dir / rel) as tmp:
@@ -158,8 +166,9 @@ def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, 
         records.append({"source": image["source"], "img_id": image["img_id"], "variant": variant,
                         "artifact": artifact.name, "input_sha256": input_sha, "output_path": rel,
                         "output_sha256": hashlib.sha256(jpeg).hexdigest(), "width": width, "height": height,
-                        "mode": decoded.output_mode, "n_bytes": len(jpeg),
-                        "recipe": make_recipe(applied, decoded, settings.jpeg_quality)})
+                        "mode": decoded.output_mode, "n_bytes": len(jpeg), "geometry": geometry,
+                        "boxes": json.dumps(moved, separators=(",", ":")),
+                        "recipe": make_recipe(applied, decoded, settings.jpeg_quality, boxes)})
     return records, rendered
 
 
@@ -233,7 +242,7 @@ def recorded_variants(batch: list[dict], run_dir: Path) -> dict[tuple[str, str],
 def plan_batches(images: pd.DataFrame, run_dir: Path, batch_size: int) -> list[list[dict]]:
     """Images in (source, img_id) order, cut in batches, each image naming the files of its recorded variants."""
     index = recorded_files(run_dir)
-    rows = images.sort_values(["source", "img_id"])[["source", "img_id", "path"]].to_dict("records")
+    rows = images.sort_values(["source", "img_id"])[["source", "img_id", "path", "geometry", "boxes"]].to_dict("records")
     for row in rows:
         row["prior_files"] = index.get((row["source"], row["img_id"]), [])
     return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
@@ -316,8 +325,8 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
 
 def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, *, chunk_size: int = 8,
                    tasks: int | None = None, run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, dict, int]:
-    """Render the augmented track of `images`, write its table to `table`; return (quarantine, figures,
-    rendered).
+    """Render the augmented track of `images` (a frame plan: `augment.frames.frame_plan`), write its table to
+    `table`; return (quarantine, figures, rendered).
 
     `rendered` counts the variants rendered now rather than verified on disk (not a figure of the
     release: it differs between a fresh and a resumed run). Images are persisted in batches of
@@ -340,10 +349,14 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, 
     for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()
-    keep_files = set(pq.read_table(table, columns=["output_path"])["output_path"].to_pylist())
+    written = pq.read_table(table, columns=["source", "img_id", "output_path", "geometry"])
+    keep_files = set(written["output_path"].to_pylist())
     for f in (run_dir / "augmented").rglob("*.jpg") if (run_dir / "augmented").is_dir() else []:
         if str(f.relative_to(run_dir)) not in keep_files:
             f.unlink()
+    photometric = {(s, i) for s, i, g in zip(written["source"].to_pylist(), written["img_id"].to_pylist(),
+                                            written["geometry"].to_pylist()) if not g}
     figures = {"images": len(images), "augmented_images": result.images, "variants": variants,
+               "photometric_only_images": len(photometric),
                "quarantined": len(result.quarantine), "artifacts": [a.name for a in settings.catalog.artifacts]}
     return result.quarantine, figures, result.rendered

@@ -30,7 +30,7 @@ import pandas as pd
 from _common import ROOT, SHARED, print_json, print_table
 from PIL import Image, ImageEnhance
 
-from augment import RenderSettings, augment_images, load_artifact_catalog, run_in_processes
+from augment import RenderSettings, augment_images, frame_plan, load_artifact_catalog, run_in_processes
 from augment.render import decode_image, encode_jpeg
 from kvqa.config import AugmentConfig
 
@@ -118,7 +118,7 @@ def run_ours(images: pd.DataFrame, run_dir: Path, workers: int) -> float:
     settings = RenderSettings(load_artifact_catalog(), 42, QUALITY, run_dir)
     t0 = time.perf_counter()
     chunk_size = AugmentConfig().chunk_size
-    bad, figures, rendered = augment_images(images, settings, run_dir / "stages" / "augmentations.parquet",
+    bad, figures, rendered = augment_images(frame_plan(images), settings, run_dir / "stages" / "augmentations.parquet",
                                             chunk_size=chunk_size, run_chunks=run_in_processes(workers))
     assert len(bad) == 0 and rendered == figures["variants"]
     return time.perf_counter() - t0

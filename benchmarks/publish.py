@@ -182,6 +182,7 @@ def main() -> None:
         # Fold the scaled image ids onto n_images files (rank modulo n_images, so every file is used).
         rank = {img: k for k, img in enumerate(sorted(qa["img_id"].unique()))}
         qa["img_id"] = [f"img{rank[i] % n_images:05d}" for i in qa["img_id"]]
+        facts = facts.assign(img_id=[f"img{rank[i] % n_images:05d}" if i in rank else i for i in facts["img_id"]])
         frames = [p.read_bytes() for p in frame_files()]
         recs, aug = [], []
         for k in range(n_images):
@@ -190,7 +191,8 @@ def main() -> None:
             for v in range(VARIANTS):
                 out = distinct_image(frames, (v + 1) * n_images + k, tmp / "augmented" / f"img{k:05d}" / f"{v:02d}.jpg")
                 aug.append({"source": "kvasir-vqa", "img_id": f"img{k:05d}", "variant": v, "artifact": f"a{v}",
-                            "output_path": str(out.relative_to(tmp)), "n_bytes": out.stat().st_size})
+                            "output_path": str(out.relative_to(tmp)), "n_bytes": out.stat().st_size,
+                            "width": recs[-1]["width"], "height": recs[-1]["height"], "boxes": "[]"})
         images = pd.DataFrame(recs)
         images = images[images.img_id.isin(qa.img_id)]
         augmentations = pd.DataFrame(aug)
@@ -217,12 +219,12 @@ def main() -> None:
         image_bytes, text_bytes = content_bytes(new_files)
 
         t["augmented write"] = forked("augmented write", lambda: write_augmented_release(
-            qa, splits, images, augmentations, tmp, tmp / "new", config))
+            augmented_rows(rows, augmentations, facts, catalog, tmp), tmp / "new", config))
         aug_files = sorted((tmp / "new" / "augmented").glob("*.parquet"))
         aug_rows = sum(pq.ParquetFile(f).metadata.num_rows for f in aug_files)
         aug_bytes = size(aug_files)
         aug_image_bytes, aug_text_bytes = content_bytes(aug_files)
-        aug_old_floor = int(augmented_rows(rows, augmentations, tmp)["n_bytes"].sum())
+        aug_old_floor = int(augmented_rows(rows, augmentations, facts, catalog, tmp).rows["n_bytes"].sum())
         t["augmented streaming iterate"] = forked("augmented streaming", lambda: iterate(
             aug_files, None, 2 * AUGMENTED_STREAMED, limit=AUGMENTED_STREAMED))
         max_shard = max(f.stat().st_size for f in new_files + aug_files)

@@ -37,6 +37,7 @@ import pandas as pd  # noqa: E402
 from _common import ROOT, base_csv, print_json, print_table, scale_metadata  # noqa: E402
 
 from augment.catalog import load_artifact_catalog  # noqa: E402
+from augment.frames import frame_plan  # noqa: E402
 from augment.track import RenderSettings, augment_images, run_in_processes  # noqa: E402
 from kvqa.fanout import task_count  # noqa: E402
 from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question  # noqa: E402
@@ -79,7 +80,7 @@ def time_augment(images: pd.DataFrame, run_dir: Path, workers: int, cpw: int, ru
     tasks = task_count(-(-len(images) // BATCH), workers, cpw)
     t0 = time.perf_counter()
     table = run_dir / "stages" / "augmentations.parquet"
-    _, _, rendered = augment_images(images, settings, table, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
+    _, _, rendered = augment_images(frame_plan(images), settings, table, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
     assert rendered == len(images) * len(settings.catalog.artifacts)
     return time.perf_counter() - t0, table.read_bytes()
 

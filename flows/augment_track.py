@@ -16,13 +16,14 @@ from pathlib import Path
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NONE
 
-from augment import (RenderSettings, augment_images, contact_sheet, load_artifact_catalog, render_chunk,
+from augment import (RenderSettings, augment_images, contact_sheet, frame_plan, load_artifact_catalog, render_chunk,
                      run_in_processes)
 from augment.track import ChunkResult
 from flows.dask_runner import run_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile
 from flows.run_state import run_lock
 from flows.stage_cache import cached_stage, code_version, digests
+from kvqa.catalog import load_catalog
 from kvqa.config import Config, load_config
 from kvqa.fanout import task_count
 from kvqa.tables import atomic_path, first_rows, read_table, write_table
@@ -57,12 +58,15 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
     """Render the augmented track of every usable image (skipped when nothing it depends on changed)."""
     a = cfg.augment
     catalog = load_artifact_catalog(a.catalog)
+    classes = load_catalog(cfg.catalog)
     key = {"code": code_version("augment"), "seed": cfg.seed, "catalog": catalog.digest,
+           "question_classes": classes.digest,
            "augment": a.model_dump(mode="json", include={"enabled", "jpeg_quality", "contact_sheet_images"}),
-           "inputs": digests(run_dir, "stages/images.parquet")}
+           "inputs": digests(run_dir, "stages/images.parquet", "stages/facts.parquet")}
 
     def build():
-        images = read_table(run_dir / "stages/images.parquet")
+        images = frame_plan(read_table(run_dir / "stages/images.parquet"), read_table(run_dir / "stages/facts.parquet"),
+                            classes)
         settings = RenderSettings(catalog, cfg.seed, a.jpeg_quality, run_dir, max(s.max_pixels for s in cfg.sources))
         if not a.enabled:
             images = images.iloc[:0]
@@ -80,7 +84,7 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
             with atomic_path(run_dir / CONTACT_SHEET) as tmp:
                 tmp.write_bytes(sheet)
             outputs.append(CONTACT_SHEET)
-        return ({**figures, "by_reason": by_reason(bad),
+        return ({**figures, "by_reason": by_reason(bad), 
                  "contact_sheet": CONTACT_SHEET if sheet is not None else None}, outputs)
 
     return cached_stage(run_dir, "augment", key, build)

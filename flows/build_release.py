@@ -22,7 +22,7 @@ from dedup import (DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, EmbeddingCache, encoder_f
 from dedup.frames import cluster_figures, cross_split_near_duplicates
 from flows.augment_track import augment_track
 from flows.dask_runner import embed_on_dask, map_on_dask
-from flows.input_stages import by_reason, check_images, parse_sources, reconcile
+from flows.input_stages import by_reason, check_images, parse_sources, reconcile, reconcile_ids
 from flows.run_state import class_additions, record_run, run_lock
 from flows.stage_cache import cached_stage, code_version, digests
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
@@ -190,28 +190,41 @@ def write_hub_release(cfg: Config, run_dir: Path) -> dict:
     """The release's parquet shards (both configs). The card is its own stage: a wording change of the
     card must not rewrite the shards."""
     upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
-                "stages/augmentations.parquet", "stages/quarantine_images.parquet"]
-    key = {"code": code_version("publish", "review"),
+                "stages/augmentations.parquet", "stages/quarantine_images.parquet", "stages/facts.parquet"]
+    catalog = load_catalog(cfg.catalog)
+    key = {"code": code_version("publish", "review", "augment"), "catalog": catalog.digest,
            "publish": cfg.publish.model_dump(mode="json", include={"max_shard_bytes", "row_group_rows"}),
            "inputs": {**digests(run_dir, *upstream), **verdict_inputs(run_dir)}}
 
     def build():
-        all_qa, splits, images, augmentations, bad_images = (read_table(run_dir / f) for f in upstream)
+        all_qa, splits, images, augmentations, bad_images, facts = (read_table(run_dir / f) for f in upstream)
         qa, expert = expert_rejected(all_qa, load_verdicts(run_dir), images)
-        kept = release_rows(qa, splits, images)["qa_id"]
+        released = release_rows(qa, splits, images)
+        kept = released["qa_id"]
         rejected = unreleased_rows(qa, kept, bad_images)
         reconcile("QA rows", len(all_qa), len(kept), len(rejected) + len(expert))
         write_table(rejected, run_dir / "stages/quarantine_publish.parquet")
         write_table(expert, run_dir / "stages/quarantine_review.parquet")
         release_dir = run_dir / "release"
         files = write_release(qa, splits, images, release_dir, cfg.publish)
-        augmented = write_augmented_release(qa, splits, images, augmentations, run_dir, release_dir, cfg.publish)
-        if not augmented:
+        augmented, left_out, photometric = {}, {}, 0
+        if len(augmentations):
+            aug = augmented_rows(released, augmentations, facts, catalog, run_dir)
+            pairs = released[["qa_id", "source", "img_id"]].merge(
+                augmentations[["source", "img_id", "variant"]], on=["source", "img_id"])
+            reconcile_ids("augmented (row, variant) pairs", zip(pairs["qa_id"], pairs["variant"]),
+                          zip(aug.rows["qa_id"], aug.rows["variant"]),
+                          set(zip(aug.left_out["qa_id"], aug.left_out["variant"])))
+            augmented = write_augmented_release(aug, release_dir, cfg.publish)
+            left_out = by_reason(aug.left_out.rename(columns={"question_class": "reason"}))
+            photometric = int(aug.rows.loc[~aug.rows["geometry"], ["source", "img_id"]].drop_duplicates().shape[0])
+        else:
             shutil.rmtree(release_dir / "augmented", ignore_errors=True)
         outputs = ["stages/quarantine_publish.parquet", "stages/quarantine_review.parquet",
                    *[f"release/{f['file']}" for config in (files, augmented) for fs in config.values() for f in fs]]
         return {"rows": {s: sum(f["rows"] for f in fs) for s, fs in files.items()},
                 "augmented_rows": {s: sum(f["rows"] for f in fs) for s, fs in augmented.items()},
+                "augmented_left_out": left_out, "photometric_only_images": photometric,
                 "dropped_for_images": len(rejected), "expert_rejected": len(expert), "files": files, "augmented_files": augmented}, outputs
 
     return cached_stage(run_dir, "release", key, build)
@@ -287,7 +300,8 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
            "publish": cfg.publish.model_dump(mode="json", include={"pretty_name", "license"}),
            "sources": [(s.name, s.kind, s.license) for s in cfg.sources], "config_text": config_text,
            "catalog": catalog.template_version, "augment_catalog": file_digest(cfg.augment.catalog),
-           "dedup": dedup_figures, "leakage": leakage, "review": review_rates or [], "inputs": digests(run_dir, *shards, *QUARANTINE_FILES,
+           "dedup": dedup_figures, "leakage": leakage, "review": review_rates or [],
+           "augmented_truth": [release.get("photometric_only_images"), release.get("augmented_left_out")], "inputs": digests(run_dir, *shards, *QUARANTINE_FILES,
                                                                          "stages/qa_dedup.parquet")}
 
     def build():
@@ -299,6 +313,7 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
             generator=", ".join(sorted(qa["generator"].unique())) + f"; catalog {catalog.template_version}",
             config_yaml=config_text, quarantine=quarantine, dedup={**dedup_figures, **leakage},
             augmented_files=release["augmented_files"],
+            augmented_truth={k: release[k] for k in ("photometric_only_images", "augmented_left_out")},
             augment_recipe=tuple(s.name for s in load_artifact_catalog(cfg.augment.catalog).base),
             explanation_files=release.get("explanation_files"), review=review_rates)
         write_text(card, run_dir / "release/README.md")
@@ -311,19 +326,21 @@ def write_dataset_card(cfg: Config, run_dir: Path, release: dict, config_text: s
 def export_swift(cfg: Config, run_dir: Path) -> dict:
     """ms-swift JSONL of both tracks in `export/swift/` (see `publish.swift`)."""
     upstream = ["stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
-                "stages/augmentations.parquet"]
-    key = {"code": code_version("publish", "review"), "run_dir": str(run_dir),
+                "stages/augmentations.parquet", "stages/facts.parquet"]
+    catalog = load_catalog(cfg.catalog)
+    key = {"code": code_version("publish", "review", "augment"), "run_dir": str(run_dir), "catalog": catalog.digest,
            "inputs": {**digests(run_dir, *upstream), **verdict_inputs(run_dir)}}
 
     def build():
-        qa, splits, images, augmentations = (read_table(run_dir / f) for f in upstream)
+        qa, splits, images, augmentations, facts = (read_table(run_dir / f) for f in upstream)
         qa, _ = expert_rejected(qa, load_verdicts(run_dir), images)
         out = run_dir / "export" / "swift"
         shutil.rmtree(out, ignore_errors=True)
         rows = release_rows(qa, splits, images)
         lines = write_swift_jsonl(rows, out, "original")
         if len(augmentations):
-            lines |= write_swift_jsonl(augmented_rows(rows, augmentations, run_dir), out, "augmented")
+            lines |= write_swift_jsonl(augmented_rows(rows, augmentations, facts, catalog, run_dir).rows, out,
+                                       "augmented")
         return {"lines": lines}, [f"export/swift/{name}" for name in lines]
 
     return cached_stage(run_dir, "export", key, build)

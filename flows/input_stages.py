@@ -7,6 +7,7 @@ augmented track can be made on its own from a config.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 from prefect import task
@@ -27,6 +28,17 @@ class ReconciliationError(RuntimeError):
 def reconcile(what: str, total: int, *parts: int) -> None:
     if total != sum(parts):
         raise ReconciliationError(f"{what}: {total} in, {' + '.join(map(str, parts))} = {sum(parts)} out")
+
+
+def reconcile_ids(what: str, total: Iterable, *parts: Iterable) -> None:
+    """Every id in, in exactly one part out: two errors whose counts cancel out cannot pass."""
+    total, parts = set(total), [list(p) for p in parts]
+    out = [i for p in parts for i in p]
+    twice = len(out) - len(set(out))
+    if set(out) != total or twice:
+        missing, extra = sorted(map(str, total - set(out)))[:3], sorted(map(str, set(out) - total))[:3]
+        raise ReconciliationError(f"{what}: {len(total)} in, {' + '.join(str(len(p)) for p in parts)} out; "
+                                  f"missing {missing}, unknown {extra}, {twice} in two parts")
 
 
 def by_reason(q: pd.DataFrame) -> dict[str, int]:

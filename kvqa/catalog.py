@@ -148,6 +148,9 @@ class QuestionClass(BaseModel):
     value_phrases: dict[str, list[str]] = Field(default_factory=dict)
     questions: list[str] = Field(min_length=1)
     answers: dict[str, list[str]]
+    # The answer can change when the frame is cropped, rotated or shifted (the augmented track's geometric
+    # base): where things are, how much of the frame they fill, how many are in it, overlays at its edges.
+    frame_dependent: bool = False
 
     @model_validator(mode="after")
     def _check_templates(self) -> "QuestionClass":
@@ -172,6 +175,10 @@ class QuestionClass(BaseModel):
             raise ValueError(f"class {self.name!r}: empty answer template lists {empty}")
         if not self.source_questions and not self.feeds:
             raise ValueError(f"class {self.name!r}: needs source_questions (Kvasir-VQA) or feeds (label fields, boxes)")
+        if not self.frame_dependent and (self.answer_type in (AnswerType.location, AnswerType.count)
+                                         or any(isinstance(f, BoxFeed) for f in self.feeds)):
+            raise ValueError(f"class {self.name!r}: a {self.answer_type} class or one fed by boxes depends on the "
+                             "frame: set frame_dependent: true")
         self._check_feeds()
         return self
 

@@ -137,7 +137,23 @@ def augmented_counts(release_dir: Path, files: dict[str, list[dict]]) -> dict:
     return out
 
 
-def _augmented_section(counts: dict, recipe: list[str]) -> list[str]:
+def _augmented_truth(truth: dict) -> list[str]:
+    """How the answers stay true on moved frames (augment/frames.py), with the release stage's figures."""
+    left_out = truth.get("augmented_left_out") or {}
+    lines = ["Answers stay true on every variant. The geometric base moves the frame, so an answer about where "
+             "things are, how much of the frame they fill, how many are in it or what lies at its edges can "
+             "change: such answers derived from boxes are recomputed from the variant's boxes (moved with its "
+             "pixels, in the `boxes` column), and a row is left out of a variant on which one of them differs; "
+             "an image whose rows hold such an answer without boxes (label-only locations and counts, text, "
+             "the corner box artefact, instruments) gets photometric-only variants (no crop, rotation or shift). "
+             f"Images with photometric-only variants: {truth.get('photometric_only_images', 0)}. "
+             f"(Row, variant) pairs left out because a box-derived answer changed: {sum(left_out.values())}.", ""]
+    if left_out:
+        lines += [_table(["class that changed", "pairs"], [[c, n] for c, n in left_out.items()]), ""]
+    return lines
+
+
+def _augmented_section(counts: dict, recipe: list[str], truth: dict) -> list[str]:
     if not counts:
         return ["## Augmented track", "", "Not made for this release.", ""]
     artifacts = sorted({a for s in counts.values() for a in s["artifact"]})
@@ -148,7 +164,7 @@ def _augmented_section(counts: dict, recipe: list[str]) -> list[str]:
             "table records every applied parameter and re-renders any variant byte for byte.", "",
             _table(["split", "rows", "images"], [[s, v["rows"], v["images"]] for s, v in counts.items()]), "",
             _table(["artifact", *counts], [[a, *[v["artifact"].get(a, 0) for v in counts.values()]]
-                                           for a in artifacts]), ""]
+                                           for a in artifacts]), "", *_augmented_truth(truth)]
 
 
 def card_counts(data: dict[str, pd.DataFrame]) -> dict:
@@ -181,7 +197,7 @@ def _explanations_section(rows: dict) -> list[str]:
 def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name: str, license: str,
                 sources: list[dict], generator: str, config_yaml: str, quarantine: pd.DataFrame,
                 dedup: dict | None = None, augmented_files: dict[str, list[dict]] | None = None,
-                augment_recipe: tuple[str, ...] = (),
+                augment_recipe: tuple[str, ...] = (), augmented_truth: dict | None = None,
                 explanation_files: dict[str, list[dict]] | None = None,
                 review: list[dict] | None = None) -> tuple[str, dict]:
     """Return (README.md text, the counts it states).
@@ -246,7 +262,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         "",
         _table(["stage", "reason", "count"], q_counts.values.tolist()) if q_counts is not None else "None.", "",
         *_dedup_section(dedup or {}),
-        *_augmented_section(counts.get("augmented", {}), list(augment_recipe)),
+        *_augmented_section(counts.get("augmented", {}), list(augment_recipe), augmented_truth or {}),
         *_explanations_section(counts.get("explanations", {})),
         *_review_section(review),
         "## Columns", "",
@@ -263,7 +279,9 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
             ["prompt_hash", "hash of the rendered prompt (LLM backends)"],
             ["boxes", "`default` config: the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax in "
                       "pixels of the image; a location cell is listed when the box covers >= 1/4 of the cell or "
-                      "the cell holds >= 1/4 of the box); empty for rows without box facts"],
+                      "the cell holds >= 1/4 of the box); `augmented` config: the same boxes on the variant "
+                      "(moved with its pixels, clipped, gone when under half of a box stays in the frame); empty "
+                      "for rows without box facts"],
             ["variant, artifact", "`augmented` config only: the variant's index and its artifact's name"],
             ["explanation, cited_classes", "`explanations` config only: 2-4 sentences justifying the answer from "
                                            "the image's labelled facts (grounding-checked), and the classes of "

@@ -32,6 +32,8 @@ import pyarrow.parquet as pq
 from datasets import Features, Image, List, Value
 from tqdm.auto import tqdm
 
+from augment.frames import changed_on_variant, parse_boxes
+from kvqa.catalog import Catalog
 from kvqa.config import PublishConfig
 from kvqa.tables import atomic_path, file_digest, plain_boxes, quarantine_frame
 
@@ -55,9 +57,8 @@ RELEASE_FEATURES = Features({
     "prompt_hash": Value("string"),
     "boxes": List(BOX_FEATURE),
 })
-# Augmented variants are cropped, rotated and shifted: boxes in the original's pixels would not fit them.
-AUGMENTED_FEATURES = Features({**{k: v for k, v in RELEASE_FEATURES.items() if k != "boxes"},
-                               "variant": Value("int32"), "artifact": Value("string")})
+# Augmented rows carry the variant's boxes: the original's moved with the variant's pixels (augment/frames.py).
+AUGMENTED_FEATURES = Features({**RELEASE_FEATURES, "variant": Value("int32"), "artifact": Value("string")})
 # The `explanations` config (Medico 2026 subtask 2): the default config's rows that have a grounded
 # explanation (explain/), with the explanation, the source boxes in the subtask-2 shape and the Kvasir-SEG mask.
 VISUAL_FEATURE = {"type": Value("string"), "data": List(List(Value("int32"))), "description": Value("string")}
@@ -114,13 +115,48 @@ def release_row_digests(release_dir: Path) -> dict[str, str]:
     return out
 
 
-def augmented_rows(rows: pd.DataFrame, augmentations: pd.DataFrame, run_dir: Path) -> pd.DataFrame:
-    """Every release row once per augmented variant of its image, grouped by image file."""
-    aug = augmentations[["source", "img_id", "variant", "artifact", "output_path", "n_bytes"]]
+@dataclass(frozen=True)
+class AugmentedRows:
+    """The `augmented` config's rows, and the (row, variant) pairs left out of it: on those variants a
+    box-derived answer of the row has another value (columns qa_id, variant, question_class)."""
+    rows: pd.DataFrame
+    left_out: pd.DataFrame
+
+
+def augmented_rows(rows: pd.DataFrame, augmentations: pd.DataFrame, facts: pd.DataFrame, catalog: Catalog,
+                   run_dir: Path) -> AugmentedRows:
+    """Every release row once per augmented variant of its image on which it stays true, with the
+    variant's boxes (the row's box labels), grouped by image file.
+
+    A row whose facts are all frame-independent, or whose image was rendered photometric only, stays true on
+    every variant; a row with a box-derived fact is kept on a variant only when the fact's value recomputed
+    from the variant's boxes is the row's (`augment.frames.changed_on_variant`).
+    """
+    aug = augmentations[["source", "img_id", "variant", "artifact", "output_path", "n_bytes", "width", "height",
+                         "geometry", "boxes"]].rename(columns={"boxes": "variant_boxes"})
     out = rows.drop(columns=["path", "n_bytes", "image_name"]).merge(aug, on=["source", "img_id"], how="inner")
+    box_facts = facts[facts["box_label"] != ""]
+    by_key = {(f["source"], f["img_id"], f["question_class"]): f
+              for f in box_facts[["source", "img_id", "question_class", "values", "box_label"]].to_dict("records")}
+    keep, boxes, left_out = [], [], []
+    for r in out[["qa_id", "source", "img_id", "question_class", "boxes", "variant", "width", "height",
+                  "variant_boxes"]].itertuples(index=False):
+        row_facts = [by_key[k] for k in ((r.source, r.img_id, c) for c in r.question_class) if k in by_key]
+        if not row_facts:  # nothing in the row follows from boxes: true on every variant, no boxes to move
+            keep.append(True)
+            boxes.append([])
+            continue
+        moved = parse_boxes(r.variant_boxes)
+        changed = changed_on_variant(catalog, row_facts, moved, int(r.width), int(r.height))
+        left_out += [{"qa_id": r.qa_id, "variant": int(r.variant), "question_class": c} for c in changed]
+        keep.append(not changed)
+        labels = {b["label"] for b in plain_boxes(r.boxes)}
+        boxes.append([b for b in moved if b["label"] in labels])
+    out = out.assign(boxes=boxes)[keep].drop(columns=["variant_boxes", "width", "height"])
     out["path"] = [str(Path(run_dir) / p) for p in out.pop("output_path")]
     out["image_name"] = out["img_id"] + "-" + out["path"].map(lambda p: Path(p).name)
-    return out.sort_values(["split", "source", "img_id", "variant", "complexity", "qa_id"], kind="stable")
+    return AugmentedRows(out.sort_values(["split", "source", "img_id", "variant", "complexity", "qa_id"], kind="stable"),
+                         pd.DataFrame(left_out, columns=["qa_id", "variant", "question_class"]))
 
 
 @dataclass(frozen=True)
@@ -265,14 +301,10 @@ def write_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame, 
     return write_config_shards(release_rows(qa, splits, images), out_dir, "data", RELEASE_FEATURES, config)
 
 
-def write_augmented_release(qa: pd.DataFrame, splits: pd.DataFrame, images: pd.DataFrame,
-                            augmentations: pd.DataFrame, run_dir: Path, out_dir: Path, config: PublishConfig) -> dict:
-    """The `augmented` config: every usable QA row once per augmented variant of its image ({} when the
-    track was not made)."""
-    if not len(augmentations):
-        return {}
-    rows = augmented_rows(release_rows(qa, splits, images), augmentations, run_dir)
-    return write_config_shards(rows, out_dir, "augmented", AUGMENTED_FEATURES, config)
+def write_augmented_release(rows: AugmentedRows, out_dir: Path, config: PublishConfig) -> dict:
+    """The `augmented` config: every usable QA row once per augmented variant of its image on which it stays
+    true (`augmented_rows`)."""
+    return write_config_shards(rows.rows, out_dir, "augmented", AUGMENTED_FEATURES, config)
 
 
 def plain_visual(entries) -> list[dict]:

@@ -20,6 +20,7 @@ Facts table (`stages/facts.parquet`):
 | source_file | str | name of the label file the fact came from |
 | source_rows | list[int] | the units of that file it came from: CSV line numbers, or box numbers (1-based, file order) |
 | boxes | list[struct] | the boxes behind a box fact: label, xmin, ymin, xmax, ymax in pixels of the image as displayed (EXIF orientation applied) |
+| box_label | str | the box label whose boxes the fact is derived from (its class's `feeds` say how), "" for a label fact; a box fact with no box (a count of 0) has one too |
 
 Sources (`kind` in the config): `kvasir_vqa` (sources/kvasir_vqa.py), `hyperkvasir` (labels + optional
 polyp boxes, sources/hyperkvasir.py), `boxes` (Kvasir-Instrument JSON or Kvasir-SEG masks,

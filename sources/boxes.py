@@ -257,7 +257,7 @@ def box_facts(catalog: Catalog, source: str, source_label: str, image: ImageBoxe
                 "img_id": image.img_id, "source_label": source_label, "question_class": qc.name,
                 "answer_type": str(qc.answer_type), "values": values, "source_question": qc.atomic_question,
                 "source_answer": "; ".join(qc.display(v) for v in values), "source_file": source_file,
-                "source_rows": units, "boxes": [b.as_dict() for b, _ in picked]})
+                "source_rows": units, "boxes": [b.as_dict() for b, _ in picked], "box_label": feed.label})
             break  # one feed per class and source
     return facts
 

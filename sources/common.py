@@ -24,7 +24,7 @@ STAGE = "sources"
 
 FACT_COLUMNS = [
     "fact_id", "source", "img_id", "source_label", "question_class", "answer_type",
-    "values", "source_question", "source_answer", "source_file", "source_rows", "boxes",
+    "values", "source_question", "source_answer", "source_file", "source_rows", "boxes", "box_label",
 ]
 
 # An image id becomes a file name (`<image_dir>/<img_id>.jpg`, `augmented/<source>/<img_id>/...`), so it must

@@ -103,7 +103,7 @@ def parse_hyperkvasir(src: HyperKvasirSource, catalog: Catalog) -> ParsedSource:
                     "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
                     "source_label": row["Finding"], "question_class": cls, "answer_type": str(qc.answer_type),
                     "values": [value], "source_question": qc.atomic_question, "source_answer": qc.display(value),
-                    "source_file": path.name, "source_rows": [line], "boxes": []})
+                    "source_file": path.name, "source_rows": [line], "boxes": [], "box_label": ""})
             if not row_facts:
                 reject(key, "no_class_for_label", f"no catalog class takes {row['Organ']}/{row['Finding']}", row)
                 continue

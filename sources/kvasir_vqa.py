@@ -134,7 +134,7 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
             "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
             "source_label": label, "question_class": cls, "answer_type": str(qc.answer_type),
             "values": list(values), "source_question": cands[0].question, "source_answer": answer,
-            "source_file": path.name, "source_rows": [c.line for c in cands], "boxes": [],
+            "source_file": path.name, "source_rows": [c.line for c in cands], "boxes": [], "box_label": "",
         })
     qf = quarantine.frame()
     qf = qf.assign(_l=qf["key"].str.slice(5).astype(int)).sort_values("_l", kind="stable").drop(columns="_l")

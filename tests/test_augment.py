@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from augment import (CatalogError, RenderSettings, augment_images, decode_image, load_artifact_catalog,
+from augment import (CatalogError, RenderSettings, augment_images, decode_image, frame_plan, load_artifact_catalog,
                      replay_variant, run_in_processes)
 from augment.catalog import DEFAULT_ARTIFACTS_PATH, ArtifactCatalog, StepSpec
 from augment.render import apply_steps, plan_recipe
@@ -72,7 +72,7 @@ def test_bad_catalog_fails_naming_the_step(tmp_path, edit, message):
 def _augment(frames: pd.DataFrame, settings: RenderSettings, **kw):
     """`augment_images` with the table it wrote read back: (records, quarantine, figures, rendered)."""
     table = settings.run_dir / "stages" / "augmentations.parquet"
-    quarantine, figures, rendered = augment_images(frames, settings, table, **kw)
+    quarantine, figures, rendered = augment_images(frame_plan(frames), settings, table, **kw)
     return read_table(table), quarantine, figures, rendered
 
 
@@ -131,7 +131,7 @@ def test_each_step_has_its_own_seed_and_fires_at_its_probability():
     fired = np.zeros((n, 3), bool)
     angles, gammas = [], []
     for i in range(n):
-        _, applied = apply_steps(pixels, plan_recipe(catalog, 42, "s", f"img{i}", 0, 24, 32), {})
+        _, applied, _ = apply_steps(pixels, plan_recipe(catalog, 42, "s", f"img{i}", 0, 24, 32), {})
         fired[i] = [s["fired"] for s in applied]
         if applied[0]["fired"]:
             angles.append(applied[0]["params"]["rotate"])
@@ -162,8 +162,8 @@ def test_each_artifact_changes_the_image_weakly(real_frames):
         h, w = decoded.pixels.shape[:2]
         for variant, artifact in enumerate(catalog.artifacts):
             steps = plan_recipe(catalog, 42, row.source, row.img_id, variant, h, w)
-            full, _ = apply_steps(decoded.pixels, steps, {})
-            base, _ = apply_steps(decoded.pixels, steps[:-1], {})
+            full, _, _ = apply_steps(decoded.pixels, steps, {})
+            base, _, _ = apply_steps(decoded.pixels, steps[:-1], {})
             mse = np.mean((full.astype(float) - base.astype(float)) ** 2)
             assert mse > 0, f"{artifact.name} left {row.img_id} unchanged"
             psnr.setdefault(artifact.name, []).append(10 * np.log10(255 ** 2 / mse))
@@ -257,7 +257,7 @@ from pathlib import Path
 import pandas as pd
 
 import augment.track
-from augment import RenderSettings, augment_images, load_artifact_catalog
+from augment import RenderSettings, augment_images, frame_plan, load_artifact_catalog
 from augment.track import ChunkResult, chunk_images
 from kvqa.tables import quarantine_frame
 
@@ -273,7 +273,7 @@ def recorded_already(chunks, settings):  # every batch's records are on disk: no
 def stage_of(run):
     frames = pd.read_parquet(run / "frames.parquet")
     settings = RenderSettings(load_artifact_catalog(), 42, 95, run)
-    quarantine, figures, _ = augment_images(frames, settings, run / "table.parquet", chunk_size=8,
+    quarantine, figures, _ = augment_images(frame_plan(frames), settings, run / "table.parquet", chunk_size=8,
                                             run_chunks=recorded_already)
     assert figures["variants"] == 10 * len(frames), figures
 
@@ -301,7 +301,7 @@ def test_the_flow_side_never_holds_the_records_of_the_track(tmp_path):
         run.mkdir()
         frames.to_parquet(run / "frames.parquet")
         settings = RenderSettings(load_artifact_catalog(), 42, 95, run)
-        for batch in plan_batches(frames, run, 8):
+        for batch in plan_batches(frame_plan(frames), run, 8):
             records = [{"source": "x", "img_id": im["img_id"], "variant": v, "artifact": a.name,
                         "input_sha256": "0" * 64, "output_path": f"augmented/x/{im['img_id']}/{v:02d}.jpg",
                         "output_sha256": "0" * 64, "width": 9, "height": 9, "mode": "RGB", "n_bytes": 1,
@@ -334,10 +334,10 @@ def test_release_has_an_augmented_config_and_swift_exports(sample_run, tmp_path)
     base = datasets.load_dataset(str(sample_run / "release"), cache_dir=str(tmp_path / "c1"))
     aug = datasets.load_dataset(str(sample_run / "release"), "augmented", cache_dir=str(tmp_path / "c2"))
     assert set(aug) == {"train", "test"}
+    left_out = sum(report["release"]["augmented_left_out"].values())  # pairs whose box answer changed
+    assert sum(len(aug[s]) for s in aug) + left_out == 10 * sum(len(base[s]) for s in base)
     for split in ("train", "test"):
-        assert len(aug[split]) == 10 * len(base[split])
         df = aug[split].remove_columns("image").to_pandas()
-        assert set(df.groupby("qa_id")["variant"].apply(tuple)) == {tuple(range(10))}
         assert set(df["qa_id"]) == set(base[split]["qa_id"])
     row = aug["test"][0]
     records = pd.read_parquet(sample_run / "stages" / "augmentations.parquet").set_index(["img_id", "variant"])
@@ -345,10 +345,10 @@ def test_release_has_an_augmented_config_and_swift_exports(sample_run, tmp_path)
     assert row["artifact"] == rec["artifact"]
     assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(sample_run / rec["output_path"])))
     # ms-swift JSONL for both tracks, one line per pair, images that exist.
-    for track, factor in (("original", 1), ("augmented", 10)):
+    for track, rows in (("original", base), ("augmented", aug)):
         for split in ("train", "test"):
             lines = (sample_run / "export" / "swift" / f"{track}-{split}.jsonl").read_text().splitlines()
-            assert len(lines) == factor * len(base[split])
+            assert len(lines) == len(rows[split])
             first = json.loads(lines[0])
             assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
             assert first["messages"][0]["content"].startswith("<image>") and Path(first["images"][0]).is_file()
@@ -522,3 +522,106 @@ def test_pool_workers_die_with_their_parent(tmp_path):
             os.killpg(owner.pid, signal.SIGKILL)  # the owner's process group, should the test fail
         except ProcessLookupError:
             pass
+
+
+def _white_box_frame(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    pixels = np.zeros((h, w, 3), np.uint8)
+    x0, y0, x1, y1 = box
+    pixels[y0:y1, x0:x1] = 255
+    return pixels
+
+
+@pytest.mark.parametrize("box", [(250, 40, 330, 110), (5, 200, 60, 290), (150, 120, 260, 200)])
+def test_boxes_move_with_the_pixels(box):
+    """A box goes through each geometric step with the draw that moved the pixels: on every variant of 40
+    images the moved box is the white rectangle's extent in the variant to within 2 px (holds it, when the
+    frame's edge clipped a rotated box), or gone only when under half of the rectangle is left in the frame;
+    the pixels are the same with or without boxes."""
+    catalog = load_artifact_catalog()
+    h, w = 300, 400
+    pixels = _white_box_frame(h, w, box)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    moved_some = 0
+    for i in range(40):
+        steps = [s for s in plan_recipe(catalog, 42, "s", f"img{i}", i % 10, h, w)
+                 if s["name"] in ("resized_crop", "rotate_translate")]
+        with_boxes, _, moved = apply_steps(pixels, steps, {}, [dict(zip(("label", "xmin", "ymin", "xmax", "ymax"),
+                                                                        ("polyp", *box)))])
+        alone, _, _ = apply_steps(pixels, steps, {})
+        assert np.array_equal(with_boxes, alone)
+        ys, xs = np.nonzero(with_boxes[..., 0] > 127)
+        if not moved:
+            assert len(xs) < 0.5 * area * 1.2, f"img{i}: the box was dropped though the rectangle is in view"
+            continue
+        true = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        got = tuple(moved[0][k] for k in ("xmin", "ymin", "xmax", "ymax"))
+        assert got[0] <= true[0] + 2 and got[1] <= true[1] + 2 and got[2] >= true[2] - 2 and got[3] >= true[3] - 2
+        if 0 < got[0] and 0 < got[1] and got[2] < w and got[3] < h:  # not clipped: the extent itself
+            assert max(abs(a - b) for a, b in zip(got, true)) <= 2, (i, got, true)
+        moved_some += got != box
+    assert moved_some >= 30  # the geometry did move the boxes
+
+
+def test_the_geometric_base_keeps_the_middle_half_in_view():
+    """prompts/question_classes.yaml leaves image-level findings out of `frame_dependent` because the
+    geometric base keeps the middle half of the frame in view: markers at its corners survive 300 draws."""
+    catalog = load_artifact_catalog()
+    h, w = 300, 400
+    corners = [(w // 4, h // 4), (3 * w // 4 - 1, h // 4), (w // 4, 3 * h // 4 - 1), (3 * w // 4 - 1, 3 * h // 4 - 1)]
+    for i in range(300):
+        steps = [s for s in plan_recipe(catalog, 7, "s", f"img{i}", 0, h, w) if s["name"] in ("resized_crop", "rotate_translate")]
+        for x, y in corners:
+            pixels = np.zeros((h, w, 3), np.uint8)
+            pixels[y - 2:y + 3, x - 2:x + 3] = 255
+            out, _, _ = apply_steps(pixels, steps, {})
+            assert (out[..., 0] > 127).any(), f"img{i}: the point {(x, y)} left the frame"
+
+
+def test_every_augmented_row_is_true_on_its_variant(sample_run):
+    """For every (variant, row) of the `augmented` config, each box-derived answer equals the value
+    recomputed from the variant's moved boxes in the row; a row holding a frame-dependent fact without boxes
+    is on photometric-only variants (no crop, rotation or shift in their recipe); the rows left out are
+    exactly the pairs whose recomputed value differs, and there are some on the sample."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from augment.frames import variant_values
+    from kvqa.catalog import load_catalog
+
+    catalog = load_catalog()
+    facts = read_table(sample_run / "stages" / "facts.parquet")
+    by_key = {(f.source, f.img_id, f.question_class): f for f in facts.itertuples()}
+    aug = read_table(sample_run / "stages" / "augmentations.parquet")
+    variants = {(r.source, r.img_id, r.variant): r for r in aug.itertuples()}
+    released = set()
+    checked = 0
+    for shard in sorted((sample_run / "release" / "augmented").glob("*.parquet")):
+        for row in pq.read_table(shard, columns=["qa_id", "source", "img_id", "variant", "question_class",
+                                                 "boxes"]).to_pylist():
+            released.add((row["qa_id"], row["variant"]))
+            v = variants[(row["source"], row["img_id"], row["variant"])]
+            for c in row["question_class"]:
+                f = by_key[(row["source"], row["img_id"], c)]
+                if f.box_label:
+                    checked += 1
+                    assert variant_values(catalog, c, f.box_label, row["boxes"], v.width, v.height) == list(f.values)
+                elif catalog.classes[c].frame_dependent:
+                    steps = {s["name"] for s in json.loads(v.recipe)["steps"]}
+                    assert not v.geometry and not steps & {"resized_crop", "rotate_translate"}, (row, c)
+    assert checked > 0
+    qa = read_table(sample_run / "stages" / "qa_dedup.parquet")
+    box_rows = {r.qa_id: r for r in qa.itertuples() if any(by_key[(r.source, r.img_id, c)].box_label
+                                                            for c in r.question_class)}
+    left_out = 0
+    for qa_id, r in box_rows.items():
+        for k, v in variants.items():
+            if k[:2] != (r.source, r.img_id) or (qa_id, k[2]) in released:
+                continue
+            moved = json.loads(v.boxes)
+            assert any(variant_values(catalog, c, by_key[(r.source, r.img_id, c)].box_label, moved, v.width, v.height)
+                       != list(by_key[(r.source, r.img_id, c)].values)
+                       for c in r.question_class if by_key[(r.source, r.img_id, c)].box_label), (qa_id, k)
+            left_out += 1
+    report = json.loads((sample_run / "report.json").read_text())
+    assert left_out == sum(report["release"]["augmented_left_out"].values()) > 0

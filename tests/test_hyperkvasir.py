@@ -272,7 +272,8 @@ def test_add_class_adds_pairs_and_leaves_existing_rows_byte_identical(sample_run
     card = (run / "release" / "README.md").read_text()
     counts = json.loads(card.split("<!-- kvqa-counts\n", 1)[1].split("\n-->", 1)[0])
     assert sum(s["question_class"].get("bbps_score", 0) for s in counts["splits"].values()) == len(added)
-    assert sum(s["rows"] for s in counts["augmented"].values()) == 10 * len(after)
+    left_out = sum(json.loads((run / "report.json").read_text())["release"]["augmented_left_out"].values())
+    assert sum(s["rows"] for s in counts["augmented"].values()) + left_out == 10 * len(after)
     proc = run_cli("add-class", "bbps_score", "--run", "ac", "--output-root", str(tmp_path / "runs"), check=False)
     assert proc.returncode == 2 and "already in run ac" in proc.stderr
     # A later plain build of the run reproduces the same release.
