@@ -26,7 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "faiss.loader"):
+    # One INFO line per HTTP request otherwise (1,940 under the progress bar of one LLM build): the openai
+    # client sends through httpx2 / httpcore2, other libraries through httpx / httpcore.
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Prefect's temporary server (a subprocess) is stopped when the command exits, sometimes in the middle
     # of a database call, and then logs sqlalchemy's "Exception during reset" with a CancelledError

@@ -60,8 +60,8 @@ def test_all_plans_realised_then_rerun_is_free(small, catalog, tmp_path, monkeyp
     plans = small[1]
     assert len(qa) == len(plans) and rejected.empty and first == len(plans)
     assert backend.usage["compose"]["requests"] == len(plans) and backend.usage["compose"]["completion_tokens"] > 0
-    assert backend2.usage["compose"] == {"requests": 0, "cached": len(plans), "prompt_tokens": 0,
-                                         "completion_tokens": 0, "repairs": 0}
+    assert backend2.usage["compose"]["last_execution"] == {"requests": 0, "cached": len(plans), "prompt_tokens": 0,
+                                                           "completion_tokens": 0, "repairs": 0, "failed": 0}
     pd.testing.assert_frame_equal(qa, qa2)
     assert set(qa.generator) == {"openai:Qwen/Qwen3-8B"} and qa.generator_version.str.startswith("compose-v1+").all()
     # The row's prompt hash is the hash of the conversation that produced it.
@@ -136,7 +136,7 @@ def test_faults_are_retried_repaired_or_rejected_and_counts_reconcile(small, cat
         assert reasons.get(plan_id) == expected.get(fault), (fault, reasons.get(plan_id))
     assert seen >= set(FAULTS)
     # The malformed replies were repaired once; the always-invalid ones kept their raw reply.
-    assert backend.usage["compose"]["repairs"] > 0
+    assert backend.usage["compose"]["last_execution"]["repairs"] > 0
     assert rejected[rejected.reason == "invalid_reply"].raw.str.contains("oops").all()
     assert rejected[rejected.reason == "answer_contradicts_labels"].detail.str.len().gt(0).all()
     # 429s were retried no sooner than their Retry-After (1 s).
