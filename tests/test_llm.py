@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -144,6 +145,85 @@ def test_faults_are_retried_repaired_or_rejected_and_counts_reconcile(small, cat
     assert backend.client.transport.retries >= transient
     times_429 = [t for t, name, f in log if f == "429"]
     assert times_429 and max(t for t, _, _ in log) - min(times_429) >= 1.0
+
+
+def test_truncated_replies_are_named_and_repaired_with_more_tokens(small, catalog, tmp_path):
+    """A reply cut at max_tokens is `truncated` with finish_reason=length in its detail (not "invalid JSON"),
+    and its repair turn asks for twice the tokens, which the reply then fits in."""
+    facts, plans = small
+    few = (facts, plans.iloc[:12])
+    with OpenAIStandIn(chooser=lambda messages, attempt: "long") as standin:
+        _, rejected, _ = run(llm_config(standin.url, tmp_path / "c1", max_tokens=256, max_repairs=0), few, catalog)
+        assert set(rejected.reason) == {"truncated"} and len(rejected) == 12
+        assert rejected.detail.str.startswith("finish_reason=length at max_tokens=256").all()
+        qa, rejected, backend = run(llm_config(standin.url, tmp_path / "c2", max_tokens=256), few, catalog)
+        assert rejected.empty and len(qa) == 12 and backend.usage["compose"]["last_execution"]["repairs"] == 12
+        repairs = [b for b in standin.bodies if len(b["messages"]) > 2]
+    assert len(repairs) == 12 and {b["max_tokens"] for b in repairs} == {512}
+    assert all("cut off at 256 tokens" in b["messages"][-1]["content"] for b in repairs)
+
+
+def test_the_seed_can_be_left_out_of_the_body_and_is_in_the_cache_key(small, catalog, tmp_path):
+    facts, plans = small
+    few = (facts, plans.iloc[:6])
+    with OpenAIStandIn() as standin:
+        run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        assert all("seed" in b for b in standin.bodies)
+        run(llm_config(standin.url, tmp_path / "cache", send_seed=False), few, catalog)
+        assert standin.requests == 12 and not any("seed" in b for b in standin.bodies[6:])
+        run(llm_config(standin.url, tmp_path / "cache", send_seed=False), few, catalog)
+        assert standin.requests == 12  # cached without the seed too
+
+
+def test_refusals_stay_cached_and_reask_rejected_asks_them_again(small, catalog, tmp_path):
+    """A refusal is a reply: cached, a re-run does not pay for it again; `reask_rejected: 1` asks exactly the
+    refused ones once more, with a fresh seed, and a re-run of that is free too."""
+    facts, plans = small
+    few = (facts, plans.iloc[:20])
+    asked: dict[str, int] = {}
+
+    def refuse_first_time(messages, attempt):  # every 3rd plan refuses the first time it is asked
+        text = messages[1]["content"]
+        asked[text] = asked.get(text, 0) + 1
+        return "refusal" if asked[text] == 1 and int(stable_hash(text)[:8], 16) % 3 == 0 else None
+
+    with OpenAIStandIn(chooser=refuse_first_time) as standin:
+        _, rejected, _ = run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        refused = set(rejected.key)
+        assert refused and set(rejected.reason) == {"refusal"}
+        _, again, _ = run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        assert standin.requests == 20 and set(again.key) == refused
+        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "cache", reask_rejected=1), few, catalog)
+        assert standin.requests == 20 + len(refused) and rejected.empty and len(qa) == 20
+        reasked = standin.bodies[20:]
+        assert {b["seed"] for b in reasked}.isdisjoint(b["seed"] for b in standin.bodies[:20])
+        run(llm_config(standin.url, tmp_path / "cache", reask_rejected=1), few, catalog)
+        assert standin.requests == 20 + len(refused)
+
+
+def test_a_silent_server_is_logged_with_what_the_client_waits_for(small, catalog, tmp_path, monkeypatch, caplog):
+    from generate.openai_backend import OpenAITransport
+
+    facts, plans = small
+    monkeypatch.setattr(OpenAITransport, "stall_log_s", 0.5)
+    with OpenAIStandIn(hang_s=3, chooser=lambda messages, attempt: "hang") as standin:
+        with caplog.at_level("WARNING", logger="generate.openai_backend"):
+            _, rejected, _ = run(llm_config(standin.url, tmp_path / "cache", timeout_s=2.0, max_retries=0),
+                                 (facts, plans.iloc[:4]), catalog)
+    assert set(rejected.reason) == {"request_failed"}
+    lines = [r.getMessage() for r in caplog.records if "no reply for" in r.getMessage()]
+    assert lines and f"waiting for 4 request(s) in flight (4 on {standin.url.lower()})" in lines[0]
+    assert "timeout_s 2 s" in lines[0]
+
+
+def test_the_cli_logging_drops_the_http_clients_request_lines(small, catalog, tmp_path, caplog):
+    """One INFO line per request came from httpx2 (the openai client's HTTP library) under the bar."""
+    from flows.cli import _logging
+
+    _logging()
+    with OpenAIStandIn() as standin, caplog.at_level(logging.NOTSET):
+        run(llm_config(standin.url, tmp_path / "cache"), (small[0], small[1].iloc[:3]), catalog)
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
 
 
 def test_grounding_catches_contradictions(catalog):
