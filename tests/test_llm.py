@@ -412,3 +412,20 @@ def test_a_malformed_batch_results_line_is_reported_with_its_place(tmp_path):
     bad.write_text('{"custom_id": "a", "response": {"status_code": 200, "body": {}}}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"results.jsonl:2: not a Batch API result line"):
         read_results([bad])
+
+
+def test_llm_server_stop_ends_a_server_this_process_started_without_waiting_out_the_grace(tmp_path):
+    """`kvqa.llm_server.stop` on a server the calling process started (the tests, the benchmark): the exited
+    leader is a zombie until reaped, and a zombie's process group still answers signal 0, so stop waited the
+    whole grace (30 s at every session's end) before it reaped it."""
+    from dataclasses import asdict
+
+    from kvqa import llm_server
+    from kvqa.tables import write_json
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    state_path = tmp_path / "server.json"
+    write_json(asdict(llm_server.ServerState(server.pid, "http://127.0.0.1:9/v1", "m", "vllm", "log")), state_path)
+    t0 = time.monotonic()
+    assert llm_server.stop(grace_s=20, state_path=state_path)
+    assert time.monotonic() - t0 < 5 and server.poll() is not None and not state_path.exists()

@@ -107,7 +107,11 @@ def test_a_server_killed_mid_stage_is_one_line_and_the_rerun_sends_exactly_the_f
     before = sent(run_dir)
     run_cli("build", "--config", str(cfg), check=False)
     report = json.loads((run_dir / "report.json").read_text())
-    assert sent(run_dir) - before == failed  # exactly the failed requests, everything else from the cache
-    assert "request_failed" not in report["generate"]["by_reason"] and report["generate"]["failed_requests"] == 0
     usage = report["generate"]["llm_usage"]["compose"]  # over both executions
+    rerun = usage["last_execution"]
+    # Every reply that arrived before the kill came from the cache; what was sent is the failed requests
+    # (all of them: none is left failed) and the repair turns that the new replies earned.
+    assert rerun["cached"] == before - failed and rerun["requests"] - rerun["repairs"] <= failed <= rerun["requests"]
+    assert sent(run_dir) - before == rerun["requests"]
+    assert "request_failed" not in report["generate"]["by_reason"] and report["generate"]["failed_requests"] == 0
     assert usage["requests"] == sent(run_dir) and usage["failed"] == failed
