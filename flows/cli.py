@@ -333,13 +333,16 @@ def llm_server_install(engine: str = typer.Option("auto", help=ENGINE_HELP)) -> 
 
 @llm_app.command("start")
 def llm_server_start(port: int = typer.Option(8100, help="port on 127.0.0.1"),
-                     engine: str = typer.Option("auto", help=ENGINE_HELP)) -> None:
+                     engine: str = typer.Option("auto", help=ENGINE_HELP),
+                     compile_model: bool = typer.Option(True, "--compile/--no-compile",
+                                                        help="vLLM: torch.compile the model (~60 s more start)")
+                     ) -> None:
     """Start the server (in the background), wait until it serves the model, print its base_url."""
     _logging()
     from kvqa import llm_server
 
     with _llm_server_errors():
-        state = llm_server.start(port, engine)
+        state = llm_server.start(port, engine, compile_model=compile_model)
     typer.echo(f"{state.engine} serving model {state.model} at base_url {state.base_url} "
                f"(stop: kvqa llm-server stop; log {state.log_file})")
     typer.echo(state.base_url)

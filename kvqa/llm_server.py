@@ -143,7 +143,7 @@ def hf_model_dir() -> Path:
     return out
 
 
-def vllm_command(port: int) -> list[str]:
+def vllm_command(port: int, compile_model: bool = True) -> list[str]:
     return [str(VENV / "bin" / "vllm"), "serve", str(hf_model_dir()), "--served-model-name", MODEL_NAME,
             "--host", "127.0.0.1", "--port", str(port),
             # With chunked prefill a seeded request crashes the CPU engine ("CPU Generator does not use
@@ -154,10 +154,10 @@ def vllm_command(port: int) -> list[str]:
             # A fixed KV cache: by default vLLM-CPU reserves 92 % of the machine's memory and refuses to
             # start when other processes hold more than 8 % of it.
             "--kv-cache-memory-bytes", "1G",
-            # No torch.compile: it took ~60 s of every start on 2 cores (its cache failed to load each time)
-            # for a 135M model whose eager forward pass is not what limits a test or a laptop run.
-            "--enforce-eager",
-            "--disable-uvicorn-access-log"]
+            "--disable-uvicorn-access-log",
+            # compile_model=False: no torch.compile, which takes ~60 s of every start on 2 cores (its cache
+            # does not load again); for a server that answers a few dozen requests (the tests).
+            *([] if compile_model else ["--enforce-eager"])]
 
 
 def llama_cpp_command(port: int) -> list[str]:
@@ -185,16 +185,6 @@ def read_state(state_path: Path | None = None) -> ServerState | None:
         return None
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def ready(base_url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{base_url}/models", timeout=5) as resp:
@@ -206,13 +196,14 @@ def ready(base_url: str) -> bool:
 def running(state_path: Path | None = None) -> ServerState | None:
     """The server `start` left running, if it is still alive."""
     state = read_state(state_path)
-    return state if state is not None and alive(state.pid) else None
+    return state if state is not None and group_alive(state.pid) else None
 
 
 def start(port: int = DEFAULT_PORT, engine: str = "auto", timeout_s: float = READY_TIMEOUT_S,
-          state_path: Path | None = None) -> ServerState:
+          state_path: Path | None = None, compile_model: bool = True) -> ServerState:
     """Start the server (unless one is running already), wait until it serves the model, return its state.
-    `state_path`: where its pid and URL are kept (default `<venv>/server.json`; the tests keep their own)."""
+    `state_path`: where its pid and URL are kept (default `<venv>/server.json`; the tests keep their own).
+    `compile_model=False`: vLLM without torch.compile, ready ~60 s sooner, slower per token."""
     state_path = state_path or state_file()
     if (state := running(state_path)) is not None:
         if ready(state.base_url):
@@ -220,7 +211,7 @@ def start(port: int = DEFAULT_PORT, engine: str = "auto", timeout_s: float = REA
         stop(state_path=state_path)
     if engine in ("auto", "vllm") and has_vllm():
         try:
-            return _launch("vllm", vllm_command(port), port, timeout_s, state_path)
+            return _launch("vllm", vllm_command(port, compile_model), port, timeout_s, state_path)
         except LLMServerError as err:
             if engine == "vllm":
                 raise
@@ -268,13 +259,13 @@ def stop(grace_s: float = 30.0, state_path: Path | None = None) -> bool:
     state = read_state(state_path)
     if state is None:
         return False
-    was_alive = alive(state.pid)
+    was_alive = group_alive(state.pid)
     if was_alive:
         _signal_group(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
             _reap(state.pid)  # an exited leader left unreaped is a zombie: its group would look alive
-            if not _group_alive(state.pid):
+            if not group_alive(state.pid):
                 break
             time.sleep(0.2)
         _signal_group(state.pid, signal.SIGKILL)
@@ -297,7 +288,8 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """A process of the server's group is alive (its leader's pid is the group id: start_new_session)."""
     try:
         os.killpg(pgid, 0)
     except (ProcessLookupError, PermissionError):

@@ -10,18 +10,13 @@ the server dying under it.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SAMPLE_DIR, run_cli, write_config
+from conftest import SAMPLE_DIR, kvqa_process, run_cli, write_config
 from test_cli import last_error_line
 
 pytestmark = pytest.mark.real_llm
@@ -81,23 +76,14 @@ def test_every_plan_of_a_slice_ends_accepted_or_rejected_and_a_rerun_sends_nothi
 def test_a_server_killed_mid_stage_is_one_line_and_the_rerun_sends_exactly_the_failed(real_llm, tmp_path):
     cfg = slice_config(tmp_path, real_llm, seed=7, max_rejected_share=0.05)  # seed 7: not in any cache
     run_dir = tmp_path / "runs" / "real"
-    with tempfile.TemporaryFile("w+") as err:
-        build = subprocess.Popen([sys.executable, "-m", "flows.cli", "build", "--config", str(cfg)], cwd=ROOT,
-                                 stdout=subprocess.DEVNULL, stderr=err, text=True, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 300
-            while sent(run_dir) < 8 and build.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert build.poll() is None, "the build ended before the server could be killed mid-stage"
-            real_llm.kill()
-            build.wait(timeout=300)
-        finally:
-            try:
-                os.killpg(build.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        err.seek(0)
-        killed = subprocess.CompletedProcess(build.args, build.returncode, "", err.read())
+    with kvqa_process("build", "--config", str(cfg)) as build:
+        deadline = time.monotonic() + 300
+        while sent(run_dir) < 8 and build.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert build.poll() is None, "the build ended before the server could be killed mid-stage"
+        real_llm.kill()
+        build.wait(timeout=300)
+    killed = build.result
     line = last_error_line(killed, 1)
     report = json.loads((run_dir / "report.json").read_text())
     failed = report["generate"]["failed_requests"]
