@@ -429,3 +429,33 @@ def test_llm_server_stop_ends_a_server_this_process_started_without_waiting_out_
     t0 = time.monotonic()
     assert llm_server.stop(grace_s=20, state_path=state_path)
     assert time.monotonic() - t0 < 5 and server.poll() is not None and not state_path.exists()
+
+
+def test_llm_server_falls_back_to_llama_cpp_where_vllm_cannot_start(tmp_path, monkeypatch):
+    """The engine choice of `kvqa llm-server start` (no server is started: launching is recorded): `auto`
+    tries vLLM and starts llama.cpp's server on the same GGUF when vLLM dies before it is ready;
+    `--engine llama-cpp` goes straight to llama.cpp; `--engine vllm` fails instead of falling back."""
+    from kvqa import llm_server
+
+    launched = []
+
+    def launch(engine, command, port, timeout_s, state_path):
+        launched.append((engine, command))
+        if engine == "vllm":
+            raise llm_server.LLMServerError("vllm exited with 1: RuntimeError: no CPU kernel (log x)")
+        return llm_server.ServerState(1, f"http://127.0.0.1:{port}/v1", llm_server.MODEL_NAME, engine, "log")
+
+    monkeypatch.setattr(llm_server, "_launch", launch)
+    monkeypatch.setattr(llm_server, "has_vllm", lambda: True)
+    monkeypatch.setattr(llm_server, "install_llama_cpp", lambda: None)
+    monkeypatch.setattr(llm_server, "hf_model_dir", lambda: tmp_path / "hf")
+    monkeypatch.setattr(llm_server, "packaged_gguf", lambda: tmp_path / "model.gguf")
+    state_path = tmp_path / "server.json"
+    assert llm_server.start(9, state_path=state_path).engine == "llama-cpp"
+    assert [e for e, _ in launched] == ["vllm", "llama-cpp"]
+    assert str(tmp_path / "model.gguf") in launched[1][1] and "--enforce-eager" not in launched[0][1]
+    launched.clear()
+    assert llm_server.start(9, engine="llama-cpp", state_path=state_path).engine == "llama-cpp"
+    assert [e for e, _ in launched] == ["llama-cpp"]
+    with pytest.raises(llm_server.LLMServerError, match="no CPU kernel"):
+        llm_server.start(9, engine="vllm", state_path=state_path)

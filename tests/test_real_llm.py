@@ -58,6 +58,8 @@ def test_every_plan_of_a_slice_ends_accepted_or_rejected_and_a_rerun_sends_nothi
     qa = pd.read_parquet(run_dir / "stages/qa.parquet")
     rejected = pd.read_parquet(run_dir / "stages/quarantine_generate.parquet")
     assert len(qa[qa.paraphrase_of == ""]) + len(rejected) == 40 == g["qa"] + g["rejected"]
+    plan_ids = set(pd.read_parquet(run_dir / "stages/plans.parquet").plan_id)
+    assert set(qa[qa.paraphrase_of == ""].qa_id) | set(rejected.key) == plan_ids  # by id, not only by count
     assert set(qa.qa_id).isdisjoint(rejected.key) and rejected.reason.str.len().gt(0).all()
     assert rejected.detail.str.len().gt(0).all()
     # Structured output: every reply that was not cut at max_tokens matches the schema; nothing failed.
