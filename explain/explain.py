@@ -243,7 +243,7 @@ class LLMExplainer:
 
     @property
     def usage(self) -> dict:
-        return {stage: vars(u) for stage, u in self.client.usage.items()}
+        return self.client.usage_report()
 
 
 def sentence_count(text: str) -> int:
@@ -326,10 +326,11 @@ def explain_rows(qa: pd.DataFrame, plans: pd.DataFrame, facts: pd.DataFrame, bac
 
 
 def make_explainer(backend: str, llm, catalog: Catalog, phrasings: ExplanationPhrasings, seed: int,
-                   cache_dir: Path | None = None, batch_dir: Path | None = None) -> ExplainerBackend:
+                   cache_dir: Path | None = None, batch_dir: Path | None = None,
+                   usage_file: Path | None = None) -> ExplainerBackend:
     """The configured explainer; LLM transports are imported only when chosen."""
     if backend == "template":
         return TemplateExplainer(catalog, phrasings, seed)
     from generate.realize import make_llm_client
 
-    return LLMExplainer(make_llm_client(backend, llm, seed, cache_dir, batch_dir), phrasings)
+    return LLMExplainer(make_llm_client(backend, llm, seed, cache_dir, batch_dir, usage_file), phrasings)

@@ -24,7 +24,7 @@ from flows.augment_track import augment_track
 from flows.dask_runner import embed_on_dask, map_on_dask
 from flows.input_stages import by_reason, check_images, parse_sources, reconcile, reconcile_ids
 from flows.run_state import class_additions, record_run, run_lock
-from flows.stage_cache import cached_stage, code_version, digests
+from flows.stage_cache import cached_stage, code_version, digests, failed_requests_redo
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from generate.realize import image_chunks, in_plan_order, realize_chunk
 from generate.prompts import PROMPTS_DIR
@@ -47,7 +47,8 @@ log = logging.getLogger("kvqa")
 QUARANTINE_FILES = ["stages/quarantine_sources.parquet", "stages/quarantine_generate.parquet",
                     "stages/quarantine_images.parquet", "stages/quarantine_augment.parquet",
                     "stages/quarantine_publish.parquet", "stages/quarantine_explain.parquet",
-                    "stages/quarantine_review.parquet"]
+                    "stages/quarantine_review.parquet"]  # in stage order: a rejected run reports a prefix
+USAGE_FILE = "llm_usage.jsonl"  # the run's LLM usage ledger (generate.llm.UsageLedger)
 
 
 def verdict_inputs(run_dir: Path) -> dict[str, str]:
@@ -93,20 +94,21 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
                                                            cfg.runner.chunks_per_worker))
             parts = map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed)
             qa, rejected = in_plan_order(plans, parts)
-            usage = {}  # the template backend sends no requests
+            usage, failed = {}, 0  # the template backend sends no requests
         else:
             backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
-                                   batch_dir=run_dir / "batch")
+                                   batch_dir=run_dir / "batch", usage_file=run_dir / USAGE_FILE)
             qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
             usage = getattr(backend, "usage", {})
+            failed = backend.client.failed_requests() if usage else 0
         reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
-                 "llm_usage": usage},
+                 "llm_usage": usage, "failed_requests": failed},
                 ["stages/qa.parquet", "stages/quarantine_generate.parquet"])
 
-    return cached_stage(run_dir, "generate", key, build)
+    return cached_stage(run_dir, "generate", key, build, redo=failed_requests_redo)
 
 
 def _embedding(cfg: Config) -> dict:
@@ -236,7 +238,8 @@ def explain_pairs(cfg: Config, run_dir: Path) -> dict:
     catalog = load_catalog(cfg.catalog)
     ex = cfg.explain
     mask_dirs = {s.name: s.masks_dir for s in cfg.sources if getattr(s, "masks_dir", None)}
-    key = {"code": code_version("explain"), "explain": ex.model_dump(mode="json", exclude={"phrasings"}),
+    key = {"code": code_version("explain"),
+           "explain": ex.model_dump(mode="json", exclude={"phrasings", "max_rejected_share"}),  # a check
            "seed": cfg.seed, "catalog": catalog.digest, "phrasings": file_digest(ex.phrasings),
            "prompt": file_digest(PROMPTS_DIR / "explain.yaml"), "mask_dirs": {k: str(v) for k, v in mask_dirs.items()},
            "inputs": digests(run_dir, "stages/qa_dedup.parquet", "stages/plans.parquet", "stages/facts.parquet")}
@@ -244,25 +247,27 @@ def explain_pairs(cfg: Config, run_dir: Path) -> dict:
     def build():
         qa = read_table(run_dir / "stages/qa_dedup.parquet")
         table, rejected = pd.DataFrame(columns=EXPLANATION_COLUMNS), quarantine_frame([])
-        usage = {}
+        usage, failed = {}, 0
         if ex.enabled:
             phrasings = load_phrasings(ex.phrasings, catalog)
             backend = make_explainer(ex.backend, ex.llm, catalog, phrasings, cfg.seed,
-                                     cache_dir=cfg.output_root / "llm-cache", batch_dir=run_dir / "batch")
+                                     cache_dir=cfg.output_root / "llm-cache", batch_dir=run_dir / "batch",
+                                     usage_file=run_dir / USAGE_FILE)
             table, rejected = explain_rows(qa, read_table(run_dir / "stages/plans.parquet"),
                                            read_table(run_dir / "stages/facts.parquet"), backend,
                                            GroundingChecker(catalog), phrasings, mask_index(mask_dirs))
             usage = getattr(backend, "usage", {})
+            failed = backend.client.failed_requests() if usage else 0
             reconcile("QA rows explained", len(qa), len(table), len(rejected))
         write_table(table, run_dir / "stages/explanations.parquet")
         write_table(rejected, run_dir / "stages/quarantine_explain.parquet")
         return ({"enabled": ex.enabled, "rows": len(qa), "explained": len(table), "rejected": len(rejected),
                  "with_boxes": int(table["visual_explanation"].map(len).gt(0).sum()),
                  "with_masks": int(table["segmentation_mask"].astype(bool).sum()),
-                 "by_reason": by_reason(rejected), "llm_usage": usage},
+                 "by_reason": by_reason(rejected), "llm_usage": usage, "failed_requests": failed},
                 ["stages/explanations.parquet", "stages/quarantine_explain.parquet"])
 
-    return cached_stage(run_dir, "explain", key, build)
+    return cached_stage(run_dir, "explain", key, build, redo=failed_requests_redo)
 
 
 @task(cache_policy=NONE)
@@ -358,6 +363,28 @@ def write_report(cfg: Config, run_dir: Path, report: dict, review_rates: list[di
         run_dir, cfg.run_name, report["dedup"], report["leakage"], review_rates))
 
 
+def write_quarantine(run_dir: Path, report: dict, quarantine_files: list[str]) -> pd.DataFrame:
+    """`quarantine.parquet` (the given stages' quarantine tables), its counts in `report`; returns it."""
+    quarantine = pd.concat([read_table(run_dir / f) for f in quarantine_files], ignore_index=True)
+    write_table(quarantine, run_dir / "quarantine.parquet")
+    report["quarantine"] = {"total": len(quarantine),
+                            "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
+                                                quarantine.groupby(["stage", "reason"]).size().items()}}
+    return quarantine
+
+
+def reject_if(problem: str | None, run_dir: Path, report: dict, quarantine_files: list[str]) -> None:
+    """Raise `RunRejected` with `problem` (when there is one) after writing what the run knows: `report.json`
+    and `quarantine.parquet` of the stages run so far (`quarantine_files`: theirs only, not a table that a
+    previous run of a later stage left)."""
+    if problem is None:
+        return
+    report["rejected"] = problem
+    write_quarantine(run_dir, report, quarantine_files)
+    write_json(report, run_dir / "report.json")
+    raise RunRejected(problem)
+
+
 @flow(name="build_release", log_prints=True)
 def build_release(config_path: str | None = None, output_root: str | None = None) -> dict:
     """Build a Hub-ready release folder in `<output_root>/<run_name>/release` and a run report."""
@@ -374,8 +401,8 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         report["plans"] = plan_pairs(cfg, run_dir)
         report["generate"] = realize_pairs(cfg, run_dir)
         g = report["generate"]
-        if problem := rejection_problem(g["plans"], g["by_reason"], cfg.generate.max_rejected_share):
-            raise RunRejected(problem)
+        reject_if(rejection_problem(g["plans"], g["by_reason"], cfg.generate.max_rejected_share), run_dir, report,
+                  QUARANTINE_FILES[:2])
         report["dedup"] = deduplicate_pairs(cfg, run_dir)
         report["images"] = check_images(cfg, run_dir)
         report["augment"] = augment_track(config_path, output_root, inputs_ready=True)
@@ -384,6 +411,9 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         release = write_hub_release(cfg, run_dir)
         report["release"] = {k: v for k, v in release.items() if k not in ("files", "augmented_files")}
         report["explain"] = explain_pairs(cfg, run_dir)
+        e = report["explain"]
+        reject_if(rejection_problem(e["rows"], e["by_reason"], cfg.explain.max_rejected_share, "QA rows", "explain"),
+                  run_dir, report, QUARANTINE_FILES[:6])
         explained = write_explanations_config(cfg, run_dir)
         release["explanation_files"] = explained["files"]
         report["release"]["explanation_rows"] = explained["rows"]
@@ -392,17 +422,13 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         report["card"] = write_dataset_card(cfg, run_dir, release, config_text, report["dedup"], report["leakage"],
                                             review_rates)
         report["export"] = export_swift(cfg, run_dir)
-        quarantine = pd.concat([read_table(run_dir / f) for f in QUARANTINE_FILES], ignore_index=True)
-        write_table(quarantine, run_dir / "quarantine.parquet")
-        report["quarantine"] = {"total": len(quarantine),
-                                "by_stage_reason": {f"{s}/{r}": int(n) for (s, r), n in
-                                                    quarantine.groupby(["stage", "reason"]).size().items()}}
+        quarantine = write_quarantine(run_dir, report, QUARANTINE_FILES)
         if review_rates:
             report["review"] = review_rates
         report["quality_report"] = write_report(cfg, run_dir, report, review_rates)
         write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
         if problem := empty_release_problem(report["release"]["rows"], report["quarantine"]["by_stage_reason"]):
-            raise RunRejected(problem)
+            raise RunRejected(problem)  # report.json and quarantine.parquet are written
         rows = report["release"]["rows"]
         log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
                  sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))

@@ -26,7 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "faiss.loader"):
+    # One INFO line per HTTP request otherwise (1,940 under the progress bar of one LLM build): the openai
+    # client sends through httpx2 / httpcore2, other libraries through httpx / httpcore.
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Prefect's temporary server (a subprocess) is stopped when the command exits, sometimes in the middle
     # of a database call, and then logs sqlalchemy's "Exception during reset" with a CancelledError
@@ -297,6 +299,73 @@ def publish(repo_id: str = typer.Option(..., "--repo-id", help="ORG/NAME of the 
         except MissingTokenError as err:
             raise BadInput(str(err)) from err
     typer.echo(f"published {release} to {repo_id}: {url}")
+
+
+llm_app = typer.Typer(no_args_is_help=True, help="A real LLM server on this machine's CPU (the packaged "
+                                                  "SmolLM2-135M-Instruct, vLLM or llama.cpp) for trying the LLM backends.")
+app.add_typer(llm_app, name="llm-server")
+ENGINE_HELP = "vllm, llama-cpp, or auto (vLLM, else llama.cpp where vLLM cannot run on this CPU)"
+
+
+@contextmanager
+def _llm_server_errors():
+    from subprocess import CalledProcessError
+
+    from kvqa.llm_server import LLMServerError
+
+    try:
+        yield
+    except (LLMServerError, CalledProcessError) as err:
+        typer.echo(f"error: {one_line(str(err))}", err=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@llm_app.command("install")
+def llm_server_install(engine: str = typer.Option("auto", help=ENGINE_HELP)) -> None:
+    """Create the LLM venv (.venv-llm, or $KVQA_LLM_VENV) with the server and the packaged model."""
+    _logging()
+    from kvqa import llm_server
+
+    with _llm_server_errors():
+        llm_server.install(engine)
+    typer.echo(f"{llm_server.which_engine_installed()} installed in {llm_server.VENV}")
+
+
+@llm_app.command("start")
+def llm_server_start(port: int = typer.Option(8100, help="port on 127.0.0.1"),
+                     engine: str = typer.Option("auto", help=ENGINE_HELP),
+                     compile_model: bool = typer.Option(True, "--compile/--no-compile",
+                                                        help="vLLM: torch.compile the model (~60 s more start)")
+                     ) -> None:
+    """Start the server (in the background), wait until it serves the model, print its base_url."""
+    _logging()
+    from kvqa import llm_server
+
+    with _llm_server_errors():
+        state = llm_server.start(port, engine, compile_model=compile_model)
+    typer.echo(f"{state.engine} serving model {state.model} at base_url {state.base_url} "
+               f"(stop: kvqa llm-server stop; log {state.log_file})")
+    typer.echo(state.base_url)
+
+
+@llm_app.command("stop")
+def llm_server_stop() -> None:
+    """Stop the server `start` left running, with every process it started."""
+    from kvqa import llm_server
+
+    typer.echo("stopped" if llm_server.stop() else "no server was running")
+
+
+@llm_app.command("status")
+def llm_server_status() -> None:
+    """The running server's base_url, or exit 1 when none is running and ready."""
+    from kvqa import llm_server
+
+    state = llm_server.running()
+    if state is None or not llm_server.ready(state.base_url):
+        typer.echo("no server running")
+        raise typer.Exit(EXIT_REJECTED)
+    typer.echo(f"{state.engine} serving {state.model} at {state.base_url}")
 
 
 export_app = typer.Typer(no_args_is_help=True, help="Write a built run's files for downstream tools.")

@@ -62,8 +62,10 @@ def code_version(*packages: str) -> str:
     return stable_hash(*(f"{p.relative_to(PROJECT_ROOT)}:{file_digest(p)}" for p in files))[:16]
 
 
-def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[dict, list[str]]]) -> dict:
-    """Run `build` unless a marker with the same key exists and its outputs are intact.
+def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[dict, list[str]]],
+                 redo: Callable[[dict], str | None] | None = None) -> dict:
+    """Run `build` unless a marker with the same key exists and its outputs are intact (and `redo`, given
+    the marker's summary, says nothing: e.g. LLM requests that failed in transport, sent again).
 
     `build` writes its files and returns (summary, output paths relative to run_dir). Returns the summary,
     from the marker when the stage is skipped.
@@ -76,8 +78,11 @@ def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[
             (run_dir / out).is_file() and file_digest(run_dir / out) == sha
             for out, sha in done.get("outputs", {}).items()
         ):
-            log.info("stage %-9s cached (key %s)", name, digest[:12])
-            return done["summary"]
+            why = redo(done["summary"]) if redo is not None else None
+            if why is None:
+                log.info("stage %-9s cached (key %s)", name, digest[:12])
+                return done["summary"]
+            log.info("stage %-9s redone: %s", name, why)
     started = time.time()
     try:
         summary, outputs = build()
@@ -94,6 +99,13 @@ def cached_stage(run_dir: Path, name: str, key: dict, build: Callable[[], tuple[
                 "prefect": prefect_task_run()}, marker)
     log.info("stage %-9s done: %s", name, json.dumps(summary, sort_keys=True)[:200])
     return summary
+
+
+def failed_requests_redo(summary: dict) -> str | None:
+    """`redo` of the LLM stages: requests that failed in transport (server down, timeouts) are never
+    cached, so redoing the stage sends exactly those again; every other reply comes from the cache."""
+    failed = summary.get("failed_requests", 0)
+    return f"{failed} LLM request(s) failed in transport last time: sending them again" if failed else None
 
 
 def prefect_task_run() -> dict | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -95,11 +96,57 @@ class VerifyReply(BaseModel):
 
 @dataclass
 class StageUsage:
+    """One execution of a stage: requests sent (failed ones included), replies from the cache, tokens, repair
+    turns, and requests that failed in transport (never cached: a re-run sends them again)."""
+
     requests: int = 0
     cached: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     repairs: int = 0
+    failed: int = 0
+
+
+class UsageLedger:
+    """Every request a run sent, one JSON line per reply as it arrives (flushed, like the request cache):
+    the run's usage totals over all executions of its stages, a killed or re-run one included.
+
+    `report.json`'s `llm_usage` showed only the last execution, where the replies paid for before count as
+    `cached`; a stage killed half way left no count at all.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._file = None
+        self._lock = threading.Lock()
+
+    def record(self, stage: str, reply: ChatReply) -> None:
+        line = json.dumps({"stage": stage, "prompt_tokens": reply.prompt_tokens,
+                           "completion_tokens": reply.completion_tokens, "failed": reply.error is not None})
+        with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        """Per stage: requests sent, failed, prompt and completion tokens, over every execution."""
+        out: dict[str, dict[str, int]] = {}
+        if not self.path.is_file():
+            return out
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                t = out.setdefault(entry["stage"], {"requests": 0, "failed": 0, "prompt_tokens": 0,
+                                                    "completion_tokens": 0})
+                t["requests"] += 1
+                t["failed"] += int(bool(entry["failed"]))
+                t["prompt_tokens"] += int(entry["prompt_tokens"])
+                t["completion_tokens"] += int(entry["completion_tokens"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of a killed run
+        return out
 
 
 @dataclass
@@ -109,29 +156,56 @@ class LLMClient:
     A request's cache key is the hash of its whole body as sent (model, messages, sampling parameters with
     the per-item seed, response schema, `extra_body`) and of the transport's `endpoint` (not the server URL
     of the `openai` transport: any endpoint serving the model answers for all): change any of them and the
-    request is sent again; change nothing and nothing is sent.
+    request is sent again; change nothing and nothing is sent. Replies that failed in transport are never
+    cached, so the next run sends exactly those again.
     """
 
     transport: ChatTransport
     cache: RequestCache
     config: LLMConfig
     seed: int
+    ledger: UsageLedger | None = None
     usage: dict[str, StageUsage] = field(default_factory=dict)
 
-    def params(self, stage: str, item: str) -> dict:
+    def usage_report(self) -> dict:
+        """`llm_usage` of a stage summary: per LLM stage, the totals over all executions of the run's stage
+        (from the ledger; this execution's alone without one) and this execution's figures under
+        `last_execution`."""
+        totals = self.ledger.totals() if self.ledger is not None else {}
+        return {stage: {**totals.get(stage, {k: getattr(u, k) for k in ("requests", "failed", "prompt_tokens",
+                                                                         "completion_tokens")}),
+                        "last_execution": vars(u)}
+                for stage, u in self.usage.items()}
+
+    def failed_requests(self) -> int:
+        """Requests of this execution that failed in transport: the stage is redone on the next run."""
+        return sum(u.failed for u in self.usage.values())
+
+    def params(self, stage: str, item: str, reask: int = 0) -> dict:
         """Sampling parameters; the seed comes from the config seed and the item (plan) id, so two plans
-        with the same facts on different images are two requests, phrased independently."""
-        seed = int(stable_hash(self.seed, stage, item)[:8], 16)
-        return {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens, "seed": seed}
+        with the same facts on different images are two requests, phrased independently (and from the
+        re-ask round: a re-asked request is a new one). `send_seed: false` leaves it out of the body."""
+        params = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
+        if self.config.send_seed:
+            params["seed"] = int(stable_hash(self.seed, stage, item, *([reask] if reask else []))[:8], 16)
+        return params
 
     def ask(self, stage: str, items: Sequence[str], conversations: Sequence[list[dict]],
-            prompt: PromptTemplate) -> list[ChatReply]:
+            prompt: PromptTemplate, max_tokens: Sequence[int | None] | None = None,
+            reask: int = 0) -> list[ChatReply]:
+        """One reply per conversation, from the cache where it holds one. `max_tokens` overrides the
+        config's per item (a repair of a truncated reply); `reask` is the re-ask round (its number is in
+        the key even when the body has no seed)."""
         usage = self.usage.setdefault(stage, StageUsage())
         extra = {**self.transport.body_defaults, **self.config.extra_body}
         requests = []
-        for item, m in zip(items, conversations, strict=True):
-            body = chat_body(self.config.model, m, self.params(stage, item), prompt.name, prompt.schema_, extra)
-            requests.append(ChatRequest(request_key(body, self.transport.endpoint), body))
+        for n, (item, m) in enumerate(zip(items, conversations, strict=True)):
+            params = self.params(stage, item, reask)
+            if max_tokens is not None and max_tokens[n] is not None:
+                params["max_tokens"] = max_tokens[n]
+            body = chat_body(self.config.model, m, params, prompt.name, prompt.schema_, extra)
+            endpoint = self.transport.endpoint + (f"#reask{reask}" if reask else "")
+            requests.append(ChatRequest(request_key(body, endpoint), body))
         replies: dict[str, ChatReply] = {}
         missing: dict[str, ChatRequest] = {}
         for req in requests:
@@ -147,8 +221,11 @@ class LLMClient:
             def keep(req: ChatRequest, reply: ChatReply) -> None:  # may run in transport threads
                 if reply.error is None:
                     self.cache.put(req.key, reply.to_cache())
+                if self.ledger is not None:
+                    self.ledger.record(stage, reply)
                 with lock:
                     usage.requests += 1
+                    usage.failed += reply.error is not None
                     usage.prompt_tokens += reply.prompt_tokens
                     usage.completion_tokens += reply.completion_tokens
 
@@ -158,15 +235,30 @@ class LLMClient:
 
     def ask_structured(self, stage: str, items: Sequence[str], conversations: Sequence[list[dict]],
                        prompt: PromptTemplate, model: type[BaseModel]) -> list[BaseModel | Rejected]:
-        """Ask, validate, and give malformed replies up to `max_repairs` repair turns.
+        """Ask and validate; a refused, invalid or truncated reply is asked again `reask_rejected` times
+        with a fresh seed. A rejection's `plan_id` is left empty for the caller to fill in."""
+        results = self._ask_repairing(stage, items, conversations, prompt, model, 0)
+        for round_ in range(1, self.config.reask_rejected + 1):
+            again = [i for i, r in enumerate(results) if isinstance(r, Rejected) and r.reason in REASKED]
+            if not again:
+                break
+            for i, res in zip(again, self._ask_repairing(stage, [items[i] for i in again],
+                                                         [conversations[i] for i in again], prompt, model,
+                                                         round_)):
+                results[i] = res
+        return results
 
-        A rejection's `plan_id` is left empty for the caller to fill in.
-        """
+    def _ask_repairing(self, stage: str, items: Sequence[str], conversations: Sequence[list[dict]],
+                       prompt: PromptTemplate, model: type[BaseModel], reask: int) -> list[BaseModel | Rejected]:
+        """Ask, validate, and give malformed replies up to `max_repairs` repair turns; a reply cut at
+        `max_tokens` (finish_reason=length) is named so, and its repair turn may use twice the tokens."""
         results: list[BaseModel | Rejected | None] = [None] * len(conversations)
         pending = list(range(len(conversations)))
         convs = [list(c) for c in conversations]
+        limits: list[int | None] = [None] * len(conversations)
         for attempt in range(self.config.max_repairs + 1):
-            replies = self.ask(stage, [items[i] for i in pending], [convs[i] for i in pending], prompt)
+            replies = self.ask(stage, [items[i] for i in pending], [convs[i] for i in pending], prompt,
+                               [limits[i] for i in pending], reask)
             retry = []
             for i, reply in zip(pending, replies):
                 if reply.error is not None:
@@ -177,22 +269,36 @@ class LLMClient:
                 else:
                     try:
                         results[i] = model.model_validate_json(reply.content)
+                        continue
                     except ValidationError as err:
                         why = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}"
                                         for e in err.errors()[:3])
+                    tokens = limits[i] or self.config.max_tokens
+                    if reply.finish_reason == "length":
+                        results[i] = Rejected("", "truncated", f"finish_reason=length at max_tokens={tokens}, "
+                                              f"after {attempt} repair(s): {why}", reply.content)
+                        note = (f"That reply was cut off at {tokens} tokens before the JSON object ended. "
+                                "Reply again with only the complete JSON object, matching the schema.")
+                        limits[i] = 2 * tokens  # resending the same limit gave the same cut 19 times of 25
+                    else:
                         results[i] = Rejected("", "invalid_reply", f"after {attempt} repair(s): {why}",
                                               reply.content)
-                        if attempt < self.config.max_repairs:
-                            convs[i] = convs[i] + [
-                                {"role": "assistant", "content": reply.content},
-                                {"role": "user", "content": f"That reply is not valid ({why}). Reply again "
-                                                            "with only the JSON object, matching the schema."}]
-                            retry.append(i)
+                        note = (f"That reply is not valid ({why}). Reply again with only the JSON object, "
+                                "matching the schema.")
+                    if attempt < self.config.max_repairs:
+                        convs[i] = convs[i] + [{"role": "assistant", "content": reply.content},
+                                               {"role": "user", "content": note}]
+                        retry.append(i)
             self.usage[stage].repairs += len(retry)
             pending = retry
             if not pending:
                 break
         return results  # type: ignore[return-value]
+
+
+# The rejections `reask_rejected` asks again: what the model said. A failed request is not among them: it
+# is never cached, so every run sends it again anyway.
+REASKED = ("refusal", "invalid_reply", "truncated")
 
 
 def facts_json(plan: PlanInput) -> str:
@@ -257,4 +363,4 @@ class LLMRealizer:
 
     @property
     def usage(self) -> dict:
-        return {stage: vars(u) for stage, u in self.client.usage.items()}
+        return self.client.usage_report()

@@ -161,6 +161,9 @@ class EndpointPool:
 
 class OpenAITransport:
     name = "openai"
+    # With no reply for this long, say what the client is waiting for (a dead server's open connections
+    # are held until `timeout_s`; the progress bar alone only shows its ETA growing).
+    stall_log_s = 15.0
 
     body_defaults: dict = {}
     # The cache key does not name the server: the model and the body decide a reply, so every endpoint of
@@ -200,12 +203,15 @@ class OpenAITransport:
         pool = EndpointPool([self._endpoint(u, i) for i, u in enumerate(self.base_urls)],
                             cfg.endpoint_failures, cfg.endpoint_cooldown_s)
         tokens, start = 0, time.perf_counter()
+        self._last_reply, self._backing_off = time.monotonic(), 0
+        watchdog = asyncio.create_task(self._log_stalls(pool, stage))
         bar = tqdm(total=len(requests), desc=f"{stage} ({cfg.model})", unit="req", mininterval=1.0,
                    disable=len(requests) < 200)
 
         async def one(req: ChatRequest) -> ChatReply:
             nonlocal tokens
             reply = await self._with_retries(pool, req.body)
+            self._last_reply = time.monotonic()
             on_reply(req, reply)
             tokens += reply.completion_tokens
             bar.update(1)
@@ -215,6 +221,7 @@ class OpenAITransport:
         try:
             return list(await asyncio.gather(*(one(r) for r in requests)))
         finally:
+            watchdog.cancel()
             bar.close()
             for e in pool.endpoints:
                 name = endpoint_id(e.url)
@@ -222,6 +229,22 @@ class OpenAITransport:
                 self.set_aside[name] = e.set_aside
                 for client in e.clients:
                     await client.close()
+
+    async def _log_stalls(self, pool: EndpointPool, stage: str) -> None:
+        """Every `stall_log_s` without a reply: a warning naming the requests in flight per endpoint, how long
+        each may still take, and those waiting to be retried."""
+        cfg = self.config
+        while True:
+            await asyncio.sleep(self.stall_log_s)
+            quiet = time.monotonic() - self._last_reply
+            if quiet < self.stall_log_s:
+                continue
+            flying = ", ".join(f"{e.outstanding} on {endpoint_id(e.url)}" for e in pool.endpoints if e.outstanding)
+            log.warning("%s: no reply for %.0f s; waiting for %s request(s) in flight (%s), each until it "
+                        "answers or times out (timeout_s %.0f s, then up to %d retries)%s", stage, quiet,
+                        sum(e.outstanding for e in pool.endpoints), flying or "none", cfg.timeout_s,
+                        cfg.max_retries, f", and {self._backing_off} waiting to be retried" if self._backing_off
+                        else "")
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         if retry_after is not None:
@@ -271,5 +294,9 @@ class OpenAITransport:
             if attempt < self.config.max_retries:
                 self.retries += 1
                 if wait:
-                    await asyncio.sleep(self._backoff(attempt, retry_after))
+                    self._backing_off += 1
+                    try:
+                        await asyncio.sleep(self._backoff(attempt, retry_after))
+                    finally:
+                        self._backing_off -= 1
         return ChatReply(None, finish_reason=None, error=f"{last} after {self.config.max_retries} retries")

@@ -18,17 +18,21 @@ def _counts(by_reason: Mapping[str, int]) -> str:
     return ", ".join(f"{r} {n:,}" for r, n in items)
 
 
-def rejection_problem(plans: int, rejected_by_reason: Mapping[str, int], max_share: float) -> str | None:
-    """One line when more than `max_share` of `plans` were rejected, else None.
+def rejection_problem(plans: int, rejected_by_reason: Mapping[str, int], max_share: float, what: str = "plans",
+                      stage: str | None = None) -> str | None:
+    """One line when more than `max_share` of `plans` (`what`: plans, QA rows) were rejected, else None;
+    `stage` names the stage when it is not generation.
 
     >>> rejection_problem(105, {"request_failed": 105}, 0.05)
     '105 of 105 plans rejected (100.0% > 5.0%): request_failed 105'
+    >>> rejection_problem(20, {"request_failed": 19}, 0.05, "QA rows", "explain")
+    'explain: 19 of 20 QA rows rejected (95.0% > 5.0%): request_failed 19'
     """
     rejected = sum(int(n) for n in rejected_by_reason.values())
     if plans <= 0 or rejected / plans <= max_share:
         return None
-    return (f"{rejected:,} of {plans:,} plans rejected ({rejected / plans:.1%} > {max_share:.1%}): "
-            f"{_counts(rejected_by_reason)}")
+    return (f"{stage + ': ' if stage else ''}{rejected:,} of {plans:,} {what} rejected "
+            f"({rejected / plans:.1%} > {max_share:.1%}): {_counts(rejected_by_reason)}")
 
 
 def empty_release_problem(rows_by_split: Mapping[str, int],

@@ -49,21 +49,22 @@ STAGE = "generate"
 
 
 def make_backend(config: GenerateConfig, catalog: Catalog, seed: int, cache_dir: Path | None = None,
-                 batch_dir: Path | None = None) -> RealizerBackend:
+                 batch_dir: Path | None = None, usage_file: Path | None = None) -> RealizerBackend:
     """The configured backend; LLM transports are imported only when chosen (vLLM is an extra)."""
     if config.backend == "template":
         return TemplateRealizer(catalog, seed)
     from generate.llm import LLMRealizer
 
-    return LLMRealizer(make_llm_client(config.backend, config.llm, seed, cache_dir, batch_dir),
+    return LLMRealizer(make_llm_client(config.backend, config.llm, seed, cache_dir, batch_dir, usage_file),
                        GroundingChecker(catalog))
 
 
 def make_llm_client(backend: str, llm: LLMConfig, seed: int, cache_dir: Path | None = None,
-                    batch_dir: Path | None = None):
+                    batch_dir: Path | None = None, usage_file: Path | None = None):
     """The request-cached LLM client over the chosen transport (`openai`, `batch`, `vllm`); shared by
-    generation and the explanation stage (`explain/`), so both get the same cache, repair and usage."""
-    from generate.llm import LLMClient
+    generation and the explanation stage (`explain/`), so both get the same cache, repair and usage.
+    `usage_file`: the run's usage ledger (every request sent, over all executions)."""
+    from generate.llm import LLMClient, UsageLedger
     from generate.llm_cache import RequestCache
 
     if backend == "openai":
@@ -76,7 +77,7 @@ def make_llm_client(backend: str, llm: LLMConfig, seed: int, cache_dir: Path | N
         from generate.vllm_backend import VLLMTransport
         transport = VLLMTransport(llm)
     cache = RequestCache(Path(llm.cache_dir or cache_dir or Path("llm-cache")))
-    return LLMClient(transport, cache, llm, seed)
+    return LLMClient(transport, cache, llm, seed, UsageLedger(usage_file) if usage_file else None)
 
 
 def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:

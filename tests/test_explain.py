@@ -309,7 +309,7 @@ def test_llm_explainer_shares_the_cache_repairs_and_quarantine(sample_run, catal
     reasons = dict(zip(rejected.key, rejected.reason))
     assert reasons == {rows.iloc[0].qa_id: "explanation_contradicts_labels", rows.iloc[1].qa_id: "refusal"}, \
         rejected[["key", "reason", "detail", "raw"]].to_string()
-    assert rows.iloc[2].qa_id in set(table.qa_id) and backend.usage["explain"]["repairs"] == 1
+    assert rows.iloc[2].qa_id in set(table.qa_id) and backend.usage["explain"]["last_execution"]["repairs"] == 1
     assert set(table.explainer) == {"openai:Qwen/Qwen3-8B"} and all(h for h in table.explanation_prompt_hash)
     assert table.explainer_version.str.startswith("explain-v1+").all()
     items = {i.qa_id: i for i in explain_items(rows, plans, facts, phrasings, {})}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -60,8 +61,8 @@ def test_all_plans_realised_then_rerun_is_free(small, catalog, tmp_path, monkeyp
     plans = small[1]
     assert len(qa) == len(plans) and rejected.empty and first == len(plans)
     assert backend.usage["compose"]["requests"] == len(plans) and backend.usage["compose"]["completion_tokens"] > 0
-    assert backend2.usage["compose"] == {"requests": 0, "cached": len(plans), "prompt_tokens": 0,
-                                         "completion_tokens": 0, "repairs": 0}
+    assert backend2.usage["compose"]["last_execution"] == {"requests": 0, "cached": len(plans), "prompt_tokens": 0,
+                                                           "completion_tokens": 0, "repairs": 0, "failed": 0}
     pd.testing.assert_frame_equal(qa, qa2)
     assert set(qa.generator) == {"openai:Qwen/Qwen3-8B"} and qa.generator_version.str.startswith("compose-v1+").all()
     # The row's prompt hash is the hash of the conversation that produced it.
@@ -136,7 +137,7 @@ def test_faults_are_retried_repaired_or_rejected_and_counts_reconcile(small, cat
         assert reasons.get(plan_id) == expected.get(fault), (fault, reasons.get(plan_id))
     assert seen >= set(FAULTS)
     # The malformed replies were repaired once; the always-invalid ones kept their raw reply.
-    assert backend.usage["compose"]["repairs"] > 0
+    assert backend.usage["compose"]["last_execution"]["repairs"] > 0
     assert rejected[rejected.reason == "invalid_reply"].raw.str.contains("oops").all()
     assert rejected[rejected.reason == "answer_contradicts_labels"].detail.str.len().gt(0).all()
     # 429s were retried no sooner than their Retry-After (1 s).
@@ -144,6 +145,85 @@ def test_faults_are_retried_repaired_or_rejected_and_counts_reconcile(small, cat
     assert backend.client.transport.retries >= transient
     times_429 = [t for t, name, f in log if f == "429"]
     assert times_429 and max(t for t, _, _ in log) - min(times_429) >= 1.0
+
+
+def test_truncated_replies_are_named_and_repaired_with_more_tokens(small, catalog, tmp_path):
+    """A reply cut at max_tokens is `truncated` with finish_reason=length in its detail (not "invalid JSON"),
+    and its repair turn asks for twice the tokens, which the reply then fits in."""
+    facts, plans = small
+    few = (facts, plans.iloc[:12])
+    with OpenAIStandIn(chooser=lambda messages, attempt: "long") as standin:
+        _, rejected, _ = run(llm_config(standin.url, tmp_path / "c1", max_tokens=256, max_repairs=0), few, catalog)
+        assert set(rejected.reason) == {"truncated"} and len(rejected) == 12
+        assert rejected.detail.str.startswith("finish_reason=length at max_tokens=256").all()
+        qa, rejected, backend = run(llm_config(standin.url, tmp_path / "c2", max_tokens=256), few, catalog)
+        assert rejected.empty and len(qa) == 12 and backend.usage["compose"]["last_execution"]["repairs"] == 12
+        repairs = [b for b in standin.bodies if len(b["messages"]) > 2]
+    assert len(repairs) == 12 and {b["max_tokens"] for b in repairs} == {512}
+    assert all("cut off at 256 tokens" in b["messages"][-1]["content"] for b in repairs)
+
+
+def test_the_seed_can_be_left_out_of_the_body_and_is_in_the_cache_key(small, catalog, tmp_path):
+    facts, plans = small
+    few = (facts, plans.iloc[:6])
+    with OpenAIStandIn() as standin:
+        run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        assert all("seed" in b for b in standin.bodies)
+        run(llm_config(standin.url, tmp_path / "cache", send_seed=False), few, catalog)
+        assert standin.requests == 12 and not any("seed" in b for b in standin.bodies[6:])
+        run(llm_config(standin.url, tmp_path / "cache", send_seed=False), few, catalog)
+        assert standin.requests == 12  # cached without the seed too
+
+
+def test_refusals_stay_cached_and_reask_rejected_asks_them_again(small, catalog, tmp_path):
+    """A refusal is a reply: cached, a re-run does not pay for it again; `reask_rejected: 1` asks exactly the
+    refused ones once more, with a fresh seed, and a re-run of that is free too."""
+    facts, plans = small
+    few = (facts, plans.iloc[:20])
+    asked: dict[str, int] = {}
+
+    def refuse_first_time(messages, attempt):  # every 3rd plan refuses the first time it is asked
+        text = messages[1]["content"]
+        asked[text] = asked.get(text, 0) + 1
+        return "refusal" if asked[text] == 1 and int(stable_hash(text)[:8], 16) % 3 == 0 else None
+
+    with OpenAIStandIn(chooser=refuse_first_time) as standin:
+        _, rejected, _ = run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        refused = set(rejected.key)
+        assert refused and set(rejected.reason) == {"refusal"}
+        _, again, _ = run(llm_config(standin.url, tmp_path / "cache"), few, catalog)
+        assert standin.requests == 20 and set(again.key) == refused
+        qa, rejected, _ = run(llm_config(standin.url, tmp_path / "cache", reask_rejected=1), few, catalog)
+        assert standin.requests == 20 + len(refused) and rejected.empty and len(qa) == 20
+        reasked = standin.bodies[20:]
+        assert {b["seed"] for b in reasked}.isdisjoint(b["seed"] for b in standin.bodies[:20])
+        run(llm_config(standin.url, tmp_path / "cache", reask_rejected=1), few, catalog)
+        assert standin.requests == 20 + len(refused)
+
+
+def test_a_silent_server_is_logged_with_what_the_client_waits_for(small, catalog, tmp_path, monkeypatch, caplog):
+    from generate.openai_backend import OpenAITransport
+
+    facts, plans = small
+    monkeypatch.setattr(OpenAITransport, "stall_log_s", 0.5)
+    with OpenAIStandIn(hang_s=3, chooser=lambda messages, attempt: "hang") as standin:
+        with caplog.at_level("WARNING", logger="generate.openai_backend"):
+            _, rejected, _ = run(llm_config(standin.url, tmp_path / "cache", timeout_s=2.0, max_retries=0),
+                                 (facts, plans.iloc[:4]), catalog)
+    assert set(rejected.reason) == {"request_failed"}
+    lines = [r.getMessage() for r in caplog.records if "no reply for" in r.getMessage()]
+    assert lines and f"waiting for 4 request(s) in flight (4 on {standin.url.lower()})" in lines[0]
+    assert "timeout_s 2 s" in lines[0]
+
+
+def test_the_cli_logging_drops_the_http_clients_request_lines(small, catalog, tmp_path, caplog):
+    """One INFO line per request came from httpx2 (the openai client's HTTP library) under the bar."""
+    from flows.cli import _logging
+
+    _logging()
+    with OpenAIStandIn() as standin, caplog.at_level(logging.NOTSET):
+        run(llm_config(standin.url, tmp_path / "cache"), (small[0], small[1].iloc[:3]), catalog)
+    assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
 
 
 def test_grounding_catches_contradictions(catalog):
@@ -332,3 +412,50 @@ def test_a_malformed_batch_results_line_is_reported_with_its_place(tmp_path):
     bad.write_text('{"custom_id": "a", "response": {"status_code": 200, "body": {}}}\n{"oops": 1}\n')
     with pytest.raises(ValueError, match=r"results.jsonl:2: not a Batch API result line"):
         read_results([bad])
+
+
+def test_llm_server_stop_ends_a_server_this_process_started_without_waiting_out_the_grace(tmp_path):
+    """`kvqa.llm_server.stop` on a server the calling process started (the tests, the benchmark): the exited
+    leader is a zombie until reaped, and a zombie's process group still answers signal 0, so stop waited the
+    whole grace (30 s at every session's end) before it reaped it."""
+    from dataclasses import asdict
+
+    from kvqa import llm_server
+    from kvqa.tables import write_json
+
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    state_path = tmp_path / "server.json"
+    write_json(asdict(llm_server.ServerState(server.pid, "http://127.0.0.1:9/v1", "m", "vllm", "log")), state_path)
+    t0 = time.monotonic()
+    assert llm_server.stop(grace_s=20, state_path=state_path)
+    assert time.monotonic() - t0 < 5 and server.poll() is not None and not state_path.exists()
+
+
+def test_llm_server_falls_back_to_llama_cpp_where_vllm_cannot_start(tmp_path, monkeypatch):
+    """The engine choice of `kvqa llm-server start` (no server is started: launching is recorded): `auto`
+    tries vLLM and starts llama.cpp's server on the same GGUF when vLLM dies before it is ready;
+    `--engine llama-cpp` goes straight to llama.cpp; `--engine vllm` fails instead of falling back."""
+    from kvqa import llm_server
+
+    launched = []
+
+    def launch(engine, command, port, timeout_s, state_path):
+        launched.append((engine, command))
+        if engine == "vllm":
+            raise llm_server.LLMServerError("vllm exited with 1: RuntimeError: no CPU kernel (log x)")
+        return llm_server.ServerState(1, f"http://127.0.0.1:{port}/v1", llm_server.MODEL_NAME, engine, "log")
+
+    monkeypatch.setattr(llm_server, "_launch", launch)
+    monkeypatch.setattr(llm_server, "has_vllm", lambda: True)
+    monkeypatch.setattr(llm_server, "install_llama_cpp", lambda: None)
+    monkeypatch.setattr(llm_server, "hf_model_dir", lambda: tmp_path / "hf")
+    monkeypatch.setattr(llm_server, "packaged_gguf", lambda: tmp_path / "model.gguf")
+    state_path = tmp_path / "server.json"
+    assert llm_server.start(9, state_path=state_path).engine == "llama-cpp"
+    assert [e for e, _ in launched] == ["vllm", "llama-cpp"]
+    assert str(tmp_path / "model.gguf") in launched[1][1] and "--enforce-eager" not in launched[0][1]
+    launched.clear()
+    assert llm_server.start(9, engine="llama-cpp", state_path=state_path).engine == "llama-cpp"
+    assert [e for e, _ in launched] == ["llama-cpp"]
+    with pytest.raises(llm_server.LLMServerError, match="no CPU kernel"):
+        llm_server.start(9, engine="vllm", state_path=state_path)

@@ -61,7 +61,7 @@ def test_no_retries_left_rejects_then_rerun_sends_only_the_missing(small, catalo
         assert time.monotonic() - t0 < 10
     assert rejected2.empty and len(qa2) == n
     assert b.requests - before == len(rejected) == backend2.usage["compose"]["requests"]
-    assert backend2.usage["compose"]["cached"] == n - len(rejected)
+    assert backend2.usage["compose"]["last_execution"]["cached"] == n - len(rejected)
 
 
 def test_last_endpoint_up_is_never_set_aside_and_cooldown_ends():
