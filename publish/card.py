@@ -41,9 +41,15 @@ def _size_category(n: int) -> str:
     return "1M<n<10M"
 
 
+def _cell(value: object) -> str:
+    """A markdown table cell: `|` escaped and line breaks joined, so a question that holds them (LLM text)
+    stays in its cell instead of breaking the table."""
+    return " ".join(str(value).replace("\\", "\\\\").replace("|", "\\|").split())
+
+
 def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -354,3 +355,16 @@ def test_shards_are_capped_by_their_distinct_image_bytes(tmp_path):
     shards = write_synthetic(rows, tmp_path / "release", row_group_rows=10, max_shard_bytes=120_000)
     assert [s.name for s in shards] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
     assert all(100_000 < s.stat().st_size <= 120_000 for s in shards)
+
+
+def test_card_table_cells_escape_pipes_and_line_breaks():
+    """An LLM question with `|` or a line break stays in its cell: the table keeps its columns."""
+    from publish.card import _table
+
+    table = _table(["question", "n"], [["Is there a | b?\nOr c", 1], ["a \\| b", 2]])
+    body = table.splitlines()
+    assert len(body) == 4
+    for line in body[2:]:
+        cells = [c for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 2, line
+    assert "Is there a \\| b? Or c" in table and "a \\\\\\| b" in table
