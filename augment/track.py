@@ -349,14 +349,10 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, 
     for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()
-    written = pq.read_table(table, columns=["source", "img_id", "output_path", "geometry"])
-    keep_files = set(written["output_path"].to_pylist())
+    keep_files = set(pq.read_table(table, columns=["output_path"])["output_path"].to_pylist())
     for f in (run_dir / "augmented").rglob("*.jpg") if (run_dir / "augmented").is_dir() else []:
         if str(f.relative_to(run_dir)) not in keep_files:
             f.unlink()
-    photometric = {(s, i) for s, i, g in zip(written["source"].to_pylist(), written["img_id"].to_pylist(),
-                                            written["geometry"].to_pylist()) if not g}
     figures = {"images": len(images), "augmented_images": result.images, "variants": variants,
-               "photometric_only_images": len(photometric),
                "quarantined": len(result.quarantine), "artifacts": [a.name for a in settings.catalog.artifacts]}
     return result.quarantine, figures, result.rendered

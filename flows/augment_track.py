@@ -84,7 +84,7 @@ def augment_stage(cfg: Config, run_dir: Path) -> dict:
             with atomic_path(run_dir / CONTACT_SHEET) as tmp:
                 tmp.write_bytes(sheet)
             outputs.append(CONTACT_SHEET)
-        return ({**figures, "by_reason": by_reason(bad), 
+        return ({**figures, "by_reason": by_reason(bad),
                  "contact_sheet": CONTACT_SHEET if sheet is not None else None}, outputs)
 
     return cached_stage(run_dir, "augment", key, build)

@@ -625,3 +625,23 @@ def test_every_augmented_row_is_true_on_its_variant(sample_run):
             left_out += 1
     report = json.loads((sample_run / "report.json").read_text())
     assert left_out == sum(report["release"]["augmented_left_out"].values()) > 0
+
+
+def test_new_input_boxes_re_render_only_that_image(tmp_path):
+    """A variant's record holds the boxes it moved: when an image's boxes change (a label fix) its variants
+    are rendered again with the new boxes moved, the other images' variants stand."""
+    frames = frame_plan(sample_frames(2))
+    frames["boxes"] = [[{"label": "polyp", "xmin": 20, "ymin": 20, "xmax": 60, "ymax": 50}], []]
+    settings = RenderSettings(load_artifact_catalog(), 42, 95, tmp_path / "run")
+    table = settings.run_dir / "stages" / "augmentations.parquet"
+    augment_images(frames, settings, table)
+    first = read_table(table)
+    frames["boxes"] = [[{"label": "polyp", "xmin": 30, "ymin": 20, "xmax": 70, "ymax": 50}], []]
+    _, _, rendered = augment_images(frames, settings, table)
+    again = read_table(table)
+    changed = first["img_id"] == frames["img_id"][0]
+    assert rendered == int(changed.sum()) == len(load_artifact_catalog().artifacts)
+    assert (first.loc[changed, "boxes"] != again.loc[changed, "boxes"]).sum() >= 5  # some boxes leave the frame
+    pd.testing.assert_frame_equal(first[~changed], again[~changed])
+    # The pixels do not depend on the boxes: the re-rendered files are the same bytes.
+    assert list(first["output_sha256"]) == list(again["output_sha256"])
