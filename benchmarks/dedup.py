@@ -39,6 +39,7 @@ from dedup import (EmbeddingCache, OnnxEncoder, SentenceTransformerEncoder, cali
                    deduplicate, evaluate_threshold, normalise_question, question_vectors)
 from dedup.calibration import pair_similarities
 from dedup.embed import session_options
+from dedup.frames import nearest_cross_split_pairs
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans
 from kvqa.catalog import load_catalog
 from kvqa.config import DedupConfig, GenerateConfig, KvasirVQASource, PlanConfig
@@ -177,7 +178,7 @@ def leakage_set(qa: pd.DataFrame, vectors: np.ndarray, threshold: float) -> set[
                            "split": ["test" if i in test else "train" for i in images]})
     content = pd.DataFrame({"source": qa["source"].iloc[0], "img_id": images,
                             "sha256": [i.rsplit("r", 1)[0] for i in images]})  # copies of a real image: same frame
-    leaks = cross_split_leakage(qa, vectors, splits, content, threshold)
+    leaks = cross_split_leakage(qa, vectors, nearest_cross_split_pairs(content, splits), threshold, 0)
     return set(zip(leaks["test_qa_id"], leaks["train_qa_id"]))
 
 

@@ -2,7 +2,7 @@
 
 `deduplicate` removes exact and near duplicates within the configured scopes and returns the kept rows, a
 duplicates table that says why each removed row went, and the figures for the run report and the card.
-`cross_split_leakage` reports test rows that repeat a train row's image and meaning.
+`cross_split_leakage` reports test rows that repeat a train row's meaning on a train image near their own.
 """
 
 from dedup.calibration import calibration_pairs, evaluate_threshold

@@ -20,8 +20,11 @@ Scopes (config `dedup.scopes`):
   angle of twice that), and a histogram of each phrasing's nearest-neighbour similarity; with
   `max_repeats`, a cap on how many rows one phrasing may have (extra rows removed by a seeded, order-free
   choice; rule `cap`).
-- `cross-split`: test rows whose image (by content hash, so the same frame under two ids counts) and
-  meaning (same classes, cosine >= `threshold`) also occur in train. Reported, not removed.
+- `cross-split`: test rows that ask what a train row asks (same classes, cosine >= `threshold`) about a
+  train image near their own: one of the test image's nearest train images
+  (`dedup.frames.nearest_cross_split_pairs`) within `split.leakage_distance` bits. The split already keeps
+  near duplicates (<= `split.near_duplicate_distance`, equal bytes included) together, so this looks at
+  what it did not use: similar scenes of one patient or procedure on both sides. Reported, not removed.
 
 Nothing is lost: the duplicates table says for every removed row which row it duplicates (or drifted
 from), how similar they are, and under which scope and rule. Input rows = kept + duplicates.
@@ -37,7 +40,7 @@ import pandas as pd
 from kvqa.tables import stable_hash
 
 DUPLICATE_COLUMNS = ["qa_id", "duplicate_of", "similarity", "scope", "rule"]
-LEAKAGE_COLUMNS = ["test_qa_id", "train_qa_id", "similarity", "image_sha256"]
+LEAKAGE_COLUMNS = ["test_qa_id", "train_qa_id", "similarity", "test_img_id", "train_img_id", "image_distance"]
 HIST_BINS = np.round(np.linspace(0.0, 1.0, 21), 2)
 SEARCH_CHUNK = 2048  # faiss: IndexHNSWFlat.range_search aborts at >= 4,096 queries a call; stay well below
 TOP_GROUPS = 5
@@ -214,23 +217,34 @@ def global_recurrence(qa: pd.DataFrame, texts: list[str], vectors: np.ndarray, g
     return figures, capped
 
 
-def cross_split_leakage(qa: pd.DataFrame, vectors: np.ndarray, splits: pd.DataFrame, images: pd.DataFrame,
-                        threshold: float) -> pd.DataFrame:
-    """Test rows whose image content and meaning also occur in train (see module docstring)."""
-    rows = (qa.reset_index(drop=True).reset_index(names="row_pos")
-            .merge(splits[["source", "img_id", "split"]], on=["source", "img_id"])
-            .merge(images[["source", "img_id", "sha256"]], on=["source", "img_id"]))
+def cross_split_leakage(qa: pd.DataFrame, vectors: np.ndarray, image_pairs: pd.DataFrame, threshold: float,
+                        max_image_distance: int) -> pd.DataFrame:
+    """Test rows that repeat a train row's meaning on a train image near their own (module docstring):
+    `image_pairs` holds (test_source, test_img_id, train_source, train_img_id, distance) rows (the nearest
+    cross-split pairs); those up to `max_image_distance` bits are looked at. One row per leaking test row: its
+    most similar train row (ties: the nearer image, then the smaller train qa_id)."""
+    rows = qa.reset_index(drop=True).reset_index(names="row_pos")
     rows["classes_key"] = [tuple(sorted(c)) for c in rows["question_class"]]
-    train = rows[rows.split == "train"].groupby(["sha256", "classes_key"])
-    out = []
-    train_groups = {k: g for k, g in train}
-    for r in rows[rows.split == "test"].itertuples():
-        g = train_groups.get((r.sha256, r.classes_key))
-        if g is None:
+    train_groups = {k: g["row_pos"].to_numpy() for k, g in rows.groupby(["source", "img_id", "classes_key"])}
+    ids = rows["qa_id"].to_numpy()
+    near = image_pairs[image_pairs["distance"] <= max_image_distance]
+    candidates = rows.merge(near, left_on=["source", "img_id"], right_on=["test_source", "test_img_id"])
+    best: dict[str, tuple] = {}
+    for r in candidates.itertuples(index=False):
+        train = train_groups.get((r.train_source, r.train_img_id, r.classes_key))
+        if train is None:
             continue
-        sims = vectors[g["row_pos"].to_numpy()] @ vectors[r.row_pos]
-        best = int(np.argmax(sims))
-        if sims[best] >= threshold:
-            out.append({"test_qa_id": r.qa_id, "train_qa_id": g["qa_id"].iloc[best],
-                        "similarity": round(float(sims[best]), 4), "image_sha256": r.sha256})
+        sims = vectors[train] @ vectors[r.row_pos]
+        top = int(np.argmax(sims))
+        if sims[top] < threshold:
+            continue
+        found = (-round(float(sims[top]), 4), int(r.distance), str(ids[train[top]]), r.img_id, r.train_img_id)
+        if r.qa_id not in best or found < best[r.qa_id]:
+            best[r.qa_id] = found
+    out = []
+    for qa_id in rows["qa_id"]:  # table order
+        if qa_id in best:
+            similarity, distance, train_qa_id, img_id, train_img_id = best[qa_id]
+            out.append({"test_qa_id": qa_id, "train_qa_id": train_qa_id, "similarity": -similarity,
+                        "test_img_id": img_id, "train_img_id": train_img_id, "image_distance": distance})
     return pd.DataFrame(out, columns=LEAKAGE_COLUMNS)

@@ -285,6 +285,17 @@ class SplitConfig(_Strict):
     # Two images are near duplicates (kept in one split) when their 256-bit fingerprints are at most this
     # many bits apart (`dedup.frames`; calibration in README, Splits). 0 = identical fingerprints only.
     near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=0, le=64)
+    # The leakage report looks at what the split did not join: each test image's nearest train images up to
+    # this many bits apart (similar scenes kept apart) are checked for questions that repeat a train row's.
+    # 64 lies between the threshold and the closest real distinct pair measured (80; README, Splits).
+    leakage_distance: int = Field(default=64, ge=0, le=128)
+
+    @model_validator(mode="after")
+    def _leakage_beyond_the_split(self) -> "SplitConfig":
+        if self.leakage_distance < self.near_duplicate_distance:
+            raise ValueError(f"leakage_distance ({self.leakage_distance}) must be at least near_duplicate_distance "
+                             f"({self.near_duplicate_distance}): pairs within it share a split")
+        return self
 
 
 class PublishConfig(_Strict):

@@ -79,7 +79,8 @@ def _dedup_section(d: dict) -> list[str]:
                   g.get("phrasings_with_a_near_identical_neighbour", "-")],
                  [f"groups of near-identical phrasings (each member within cosine >= {t} of its group's leader)",
                   g.get("near_identical_groups", "-")],
-                 ["test rows repeating a train image and meaning", d.get("test_rows_leaking", "-")]]), ""]
+                 [f"test rows repeating a train row's meaning on a train image within "
+                  f"{d.get('leakage_distance', '-')} bits of theirs", d.get("test_rows_leaking", "-")]]), ""]
     if g.get("most_repeated"):
         lines += ["Most repeated phrasings:", "", _table(["phrasing", "rows"], g["most_repeated"]), ""]
     if g.get("largest_near_identical_groups"):
@@ -105,11 +106,17 @@ def _near_duplicate_images(d: dict) -> list[str]:
              f"one picture under two ids) are found by a 256-bit perceptual fingerprint (distance <= {radius} "
              "bits, or equal bytes) and every cluster of them is kept in one split.", "",
              _table(["figure", "value"], [
-                 [f"near-duplicate image pairs across splits (fingerprint distance <= {radius} of 256 bits)",
-                  d.get("near_duplicate_pairs_across_splits", "-")],
                  ["clusters of near-duplicate images (more than one image)", d["clusters"]],
                  ["images in those clusters", d.get("images_in_clusters", "-")],
-                 ["largest cluster (images)", d.get("largest_cluster", "-")]]), ""]
+                 ["largest cluster (images)", d.get("largest_cluster", "-")],
+                 ["test images, each with its nearest train image measured", d.get("test_images_paired", "-")],
+                 ["distance of the closest test / train pair (bits)", d.get("closest_cross_split_distance", "-")],
+                 [f"test images with a train image within {d.get('leakage_distance', '-')} bits (similar scenes "
+                  "kept apart)", d.get("test_images_near_train", "-")]]), ""]
+    hist = d.get("nearest_train_distance_histogram") or {}
+    if hist:
+        lines += ["Distance from each test image to its nearest train image (bits of 256; the split guarantees "
+                  f"more than {radius}):", "", _table(["distance", "test images"], list(hist.items())), ""]
     sizes = d.get("cluster_sizes") or {}
     if sizes:
         lines += [_table(["cluster size", "clusters"], [[k, v] for k, v in sizes.items()]), ""]

@@ -34,6 +34,7 @@ REPORT_INPUTS = ["stages/qa.parquet", "stages/qa_dedup.parquet", "stages/duplica
                  "stages/augmentations.parquet", "quarantine.parquet"]
 CONTACT_SHEET = "augment/contact-sheet.png"
 EXAMPLES = 3
+CLOSEST_PAIRS = 6  # closest test / train image pairs shown with thumbnails
 THUMB_WIDTH = 200
 # recipe parameters that are settings or bookkeeping, not a drawn value
 NOT_DRAWN = {"shape", "interpolation", "fill", "fill_mask", "p", "order", "output_shape", "sha256", "dtype",
@@ -74,6 +75,15 @@ class _Files:
 
     def figure(self, name: str, png: bytes, alt: str) -> str:
         return f'<figure><img src="{e(self.add(name, png))}" alt="{e(alt)}"></figure>'
+
+    def thumbnail(self, source: str, img_id: str, path: str | None) -> str:
+        """An `<img>` of the image's thumbnail, written once however many sections show it ("" without a path)."""
+        if not path:
+            return ""
+        rel = f"{FILES_DIR}/thumbs/{source}__{img_id}.jpg"
+        if rel not in self.written:
+            self.add(f"thumbs/{source}__{img_id}.jpg", _thumbnail(Path(path)))
+        return f'<img src="{e(rel)}" alt="image {e(img_id)}">'
 
 
 def _table(header: list[str], rows: list[list], cls: str = "") -> str:
@@ -195,7 +205,7 @@ def _quarantine_section(quarantine: pd.DataFrame, files: _Files) -> str:
 
 
 def _dedup_section(qa: pd.DataFrame, duplicates: pd.DataFrame, leakage: pd.DataFrame, leakage_images: pd.DataFrame,
-                   dedup: dict, leak: dict, files: _Files) -> str:
+                   images: pd.DataFrame, dedup: dict, leak: dict, files: _Files) -> str:
     question = dict(zip(qa["qa_id"], qa["question"]))
     out = []
     if dedup.get("enabled") is False:
@@ -228,17 +238,40 @@ def _dedup_section(qa: pd.DataFrame, duplicates: pd.DataFrame, leakage: pd.DataF
                            [[question.get(r.qa_id, r.qa_id), question.get(r.duplicate_of, r.duplicate_of or "-"),
                              r.similarity] for r in g.head(EXAMPLES).itertuples(index=False)], "examples")]
     out += ["<h3>Leakage between the splits</h3>",
+            "<p>Near duplicates (equal bytes, or fingerprints within "
+            f"{e(str(leak.get('near_duplicate_distance', '-')))} bits) are kept in one split. What the split did "
+            "not join is measured here: every test image's nearest train images, and test rows that repeat a train "
+            f"row's meaning on a train image within {e(str(leak.get('leakage_distance', '-')))} bits of theirs.</p>",
             _table(["figure", "value"], [
-                ["test rows repeating a train image's content and meaning", leak.get("test_rows_leaking", len(leakage))],
-                [f"near-duplicate image pairs across splits (distance <= {leak.get('near_duplicate_distance', '-')} "
-                 "of 256 bits)", leak.get("near_duplicate_pairs_across_splits", len(leakage_images))],
+                ["test rows repeating a train row's meaning on a nearby train image",
+                 leak.get("test_rows_leaking", len(leakage))],
+                ["distance of the closest test / train image pair (bits of 256)",
+                 leak.get("closest_cross_split_distance", "-")],
+                ["test images with a train image within the leakage distance", leak.get("test_images_near_train", "-")],
                 ["clusters of near-duplicate images (kept in one split)", leak.get("clusters", "-")],
                 ["images in those clusters", leak.get("images_in_clusters", "-")],
                 ["largest cluster (images)", leak.get("largest_cluster", "-")]])]
+    hist = leak.get("nearest_train_distance_histogram") or {}
+    if hist:
+        out.append(files.figure("nearest-train-image.png", figures.histogram_bars(
+            list(hist), list(hist.values()), "bits (of 256) to the nearest train image",
+            "Distance of each test image to its nearest train image"), "nearest train image distance histogram"))
+    nearest = leakage_images[leakage_images["rank"] == 1].sort_values(
+        ["distance", "test_source", "test_img_id"], kind="stable").head(CLOSEST_PAIRS)
+    if len(nearest):
+        paths = dict(zip(zip(images["source"], images["img_id"]), images["path"]))
+        out += ["<h4>Closest test / train image pairs</h4>", _table(
+            ["test image", "nearest train image", "distance (bits)"],
+            [[_Raw(files.thumbnail(r.test_source, r.test_img_id, paths.get((r.test_source, r.test_img_id)))
+                   + f"<br>{e(r.test_source)} / {e(r.test_img_id)}"),
+              _Raw(files.thumbnail(r.train_source, r.train_img_id, paths.get((r.train_source, r.train_img_id)))
+                   + f"<br>{e(r.train_source)} / {e(r.train_img_id)}"),
+              r.distance] for r in nearest.itertuples(index=False)], "examples")]
     if len(leakage):
-        out.append(_table(["test question", "train question", "similarity"],
+        out.append(_table(["test question", "train question", "similarity", "image distance (bits)"],
                           [[question.get(r.test_qa_id, r.test_qa_id), question.get(r.train_qa_id, r.train_qa_id),
-                            r.similarity] for r in leakage.head(EXAMPLES).itertuples(index=False)], "examples"))
+                            r.similarity, r.image_distance] for r in leakage.head(EXAMPLES).itertuples(index=False)],
+                          "examples"))
     return "\n".join(out)
 
 
@@ -313,16 +346,12 @@ def _examples_section(rows: pd.DataFrame, images: pd.DataFrame, files: _Files) -
     paths = dict(zip(zip(images["source"], images["img_id"]), images["path"]))
     ordered = rows.assign(_o=[stable_hash("report-example", q) for q in rows["qa_id"]]).sort_values("_o")
     exploded = ordered.explode("question_class")
-    thumbs: dict[tuple[str, str], str] = {}
     out = ["<p>For each class, a few release rows (chosen by a hash of their id) with their image.</p>"]
     for cls in sorted(exploded["question_class"].dropna().unique()):
         out.append(f"<h3>{e(str(cls))}</h3>")
         cells = []
         for r in exploded[exploded["question_class"] == cls].head(EXAMPLES).itertuples(index=False):
-            key = (r.source, r.img_id)
-            if key not in thumbs and key in paths:
-                thumbs[key] = files.add(f"thumbs/{r.source}__{r.img_id}.jpg", _thumbnail(Path(paths[key])))
-            img = f'<img src="{e(thumbs[key])}" alt="image {e(r.img_id)}">' if key in thumbs else ""
+            img = files.thumbnail(r.source, r.img_id, paths.get((r.source, r.img_id)))
             explanation = getattr(r, "explanation", "") or ""
             cells.append(f'<div class="example">{img}<p><b>Q</b> (level {int(r.complexity)}): {e(r.question)}</p>'
                          f"<p><b>A</b>: {e(r.answer)}</p>"
@@ -377,8 +406,8 @@ def write_quality_report(run_dir: Path, run_name: str, dedup: dict, leakage: dic
         ("lengths", "Question and answer lengths", _lengths_section(rows, files)),
         ("phrasings", "Distinct phrasings per class", _phrasings_section(rows, files)),
         ("quarantine", "Quarantine", _quarantine_section(quarantine, files)),
-        ("dedup", "Deduplication and leakage", _dedup_section(qa, duplicates, leaks, leak_images, dedup, leakage,
-                                                             files)),
+        ("dedup", "Deduplication and leakage", _dedup_section(qa, duplicates, leaks, leak_images, images, dedup,
+                                                             leakage, files)),
         ("augmented", "Augmented track", _augmented_section(run_dir, augmentations, files)),
         ("examples", "Examples per class", _examples_section(rows, images, files)),
         ("review", "Expert review", _review_section(review_rates, files)),

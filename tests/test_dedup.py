@@ -20,6 +20,7 @@ from dedup import (EmbeddingCache, SentenceTransformerEncoder, calibration_pairs
                    deduplicate, embed_texts, evaluate_threshold, normalise_question, question_vectors)
 from dedup.calibration import labelled_questions, pair_similarities
 from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS, encode_blocks, text_blocks
+from dedup.frames import nearest_cross_split_pairs
 from generate import GroundingChecker, TemplateRealizer, compose_plans, realize_plans
 from generate.backends import PlanFact
 from kvqa.config import DedupConfig, KvasirVQASource, PlanConfig
@@ -122,10 +123,11 @@ def test_cross_split_leakage_by_image_content(real_qa, encoder, tmp_path):
     images = pd.DataFrame({"source": "kvasir-vqa", "img_id": [one.img_id.iloc[0], "twin-of-first"],
                            "sha256": ["same-bytes", "same-bytes"]})
     _, vectors = question_vectors(qa, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
-    leaks = cross_split_leakage(qa, vectors, splits, images, 0.5)
+    leaks = cross_split_leakage(qa, vectors, nearest_cross_split_pairs(images, splits), 0.5, 64)
     assert set(leaks.test_qa_id) == set(twin.qa_id) and (leaks.similarity > 0.99).all()
-    images.loc[1, "sha256"] = "other-bytes"
-    assert cross_split_leakage(qa, vectors, splits, images, 0.5).empty
+    assert (leaks.image_distance == 0).all() and set(leaks.train_img_id) == {one.img_id.iloc[0]}
+    images.loc[1, "sha256"] = "other-bytes"  # no fingerprints: only equal bytes pair
+    assert cross_split_leakage(qa, vectors, nearest_cross_split_pairs(images, splits), 0.5, 64).empty
 
 
 # Floors of the image-scope rule at the configured threshold, on pairs of one class set labelled by meaning
@@ -379,3 +381,28 @@ def test_the_cache_key_names_the_cpu_kernels_and_their_overrides():
     assert native[0] == forced[0] and "torch==" in native[0] and "sentence-transformers==" in native[0]
     assert native[1] != forced[1] and native[1].startswith(native[0])
     assert all(f"{k}={v}" in forced[1] for k, v in CPU_PATHS["torch"].items())
+
+
+def test_cross_split_leakage_on_similar_scenes_the_split_kept_apart(real_qa, encoder, tmp_path):
+    """A test image that is no near duplicate of a train image (beyond the split's radius) but close to it
+    (within the leakage distance), with the same questions: its rows leak, named with the image distance; the
+    same image farther than the leakage distance does not."""
+    one = real_qa[real_qa.img_id == real_qa.img_id.iloc[0]]
+    scene = one.assign(img_id="neighbour", qa_id=one.qa_id + "n")
+    qa = pd.concat([one, scene], ignore_index=True)
+    splits = pd.DataFrame({"source": "kvasir-vqa", "img_id": [one.img_id.iloc[0], "neighbour"],
+                           "split": ["train", "test"]})
+    _, vectors = question_vectors(qa, encoder, EmbeddingCache(tmp_path, encoder.vectors_id))
+    bits = np.zeros(256, dtype=np.uint8)
+
+    def images(flipped: int) -> pd.DataFrame:
+        other = bits.copy()
+        other[:flipped] = 1
+        codes = [np.packbits(b).tobytes().hex() for b in (bits, other)]
+        return pd.DataFrame({"source": "kvasir-vqa", "img_id": [one.img_id.iloc[0], "neighbour"],
+                             "sha256": ["a", "b"], "fingerprint": codes, "window_fingerprints": [c * 5 for c in codes]})
+
+    leaks = cross_split_leakage(qa, vectors, nearest_cross_split_pairs(images(56), splits), 0.5, 64)
+    assert set(leaks.test_qa_id) == set(scene.qa_id) and (leaks.image_distance == 56).all()
+    assert set(leaks.train_qa_id) <= set(one.qa_id) and (leaks.similarity > 0.99).all()
+    assert cross_split_leakage(qa, vectors, nearest_cross_split_pairs(images(70), splits), 0.5, 64).empty

@@ -26,6 +26,7 @@ from dedup import (EmbeddingCache, OnnxEncoder, SentenceTransformerEncoder, cali
                    deduplicate, embed_texts, encoder_for, evaluate_threshold, question_vectors)
 from dedup.calibration import pair_similarities
 from dedup.embed import STALE_TEMP_AGE_S, publish_folder_once
+from dedup.frames import nearest_cross_split_pairs
 from kvqa.config import ONNX_BACKEND_MODULES, DedupConfig, load_config
 from kvqa.errors import ConfigError
 
@@ -77,7 +78,8 @@ def test_same_duplicates_and_leakage_on_real_rows(real_qa, catalog, torch_encode
         cache = EmbeddingCache(tmp_path / encoder.backend, encoder.vectors_id)
         kept, dups, _, _ = deduplicate(qa, config, encoder, cache, seed=42)
         _, vectors = question_vectors(qa, encoder, cache)
-        results[encoder.backend] = kept, dups, cross_split_leakage(qa, vectors, splits, content, config.threshold)
+        results[encoder.backend] = kept, dups, cross_split_leakage(qa, vectors, nearest_cross_split_pairs(content, splits),
+                                                                      config.threshold, 64)
     (kept_t, dups_t, leaks_t), (kept_o, dups_o, leaks_o) = results["torch"], results["onnx"]
     assert len(dups_t) > 0 and len(leaks_t) > 0  # both decisions are exercised
     assert list(kept_t.qa_id) == list(kept_o.qa_id)

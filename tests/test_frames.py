@@ -16,9 +16,9 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from conftest import SAMPLE_DIR, SHARED
-from dedup.frames import (NEAR_DUPLICATE_COLUMNS, WORDS, cluster_figures, connected_components,
-                          cross_split_near_duplicates, fingerprint_distance, hamming, image_clusters,
-                          near_duplicate_pairs, table_plan)
+from dedup.frames import (NEAREST_PAIR_COLUMNS, WORDS, cluster_figures, connected_components, fingerprint_distance,
+                          hamming, image_clusters, near_duplicate_pairs, nearest_cross_split_pairs,
+                          nearest_distance_figures, table_plan)
 from kvqa.config import DEFAULT_NEAR_DUPLICATE_DISTANCE, SplitConfig
 from publish.card import _dedup_section
 from publish.split import assign_splits, usable_images
@@ -134,8 +134,17 @@ def test_near_duplicate_frames_land_in_one_split_whatever_their_ids(real, synthe
     synth = merged[merged.source == "sample"]
     for _, g in synth.groupby("source_label"):
         assert (g.split == "test").sum() == round(0.3 * len(g))
-    # the leakage report on the clustered split: nothing
-    assert cross_split_near_duplicates(frames, splits).empty
+    # the leakage report on the clustered split: every test image's nearest train image is beyond the radius,
+    # and exactly that nearest one (brute force over the fingerprint distance)
+    nearest = nearest_cross_split_pairs(frames, splits)
+    first = nearest[nearest["rank"] == 1]
+    assert len(first) == (splits.split == "test").sum() and (first.distance > R).all()
+    fps = {(r.source, r.img_id): (r.fingerprint, r.window_fingerprints) for r in frames.itertuples()}
+    train = [k for k, sp in zip(zip(splits.source, splits.img_id), splits.split) if sp == "train"]
+    for r in first.itertuples():
+        brute = min(fingerprint_distance(fps[(r.test_source, r.test_img_id)], fps[t]) for t in train)
+        assert r.distance == brute == fingerprint_distance(fps[(r.test_source, r.test_img_id)],
+                                                           fps[(r.train_source, r.train_img_id)])
 
 
 def test_order_of_rows_does_not_change_clusters_or_splits(real, synthetic):
@@ -166,23 +175,56 @@ def test_leakage_report_finds_a_planted_cross_split_near_duplicate(real):
             break
     else:
         pytest.fail("no id separates the copy from its original")
-    leaks = cross_split_near_duplicates(images, unclustered)
-    assert list(leaks.columns) == NEAR_DUPLICATE_COLUMNS
-    assert len(leaks) == 1
-    leak = leaks.iloc[0]
+    pairs = nearest_cross_split_pairs(images, unclustered)
+    assert list(pairs.columns) == NEAREST_PAIR_COLUMNS
+    first = pairs[pairs["rank"] == 1]
+    leak = first[first.distance <= R]
+    assert len(leak) == 1
+    leak = leak.iloc[0]
     assert {leak.train_img_id, leak.test_img_id} == {stem, copy["img_id"]}
     assert 0 < leak.distance <= R and not leak.same_bytes
-    assert cluster_figures(unclustered, leaks)["near_duplicate_pairs_across_splits"] == 1
+    assert nearest_distance_figures(pairs, R, 64)["closest_cross_split_distance"] == leak.distance
     # equal bytes leak too, at distance 0, even without fingerprints
     same = images.assign(sha256=lambda d: np.where(d.img_id == copy["img_id"], f"o-{stem}", d.sha256))
     bytes_only = same.drop(columns=["fingerprint", "window_fingerprints"])
-    leaks = cross_split_near_duplicates(bytes_only, unclustered)
-    assert len(leaks) == 1 and leaks.iloc[0].same_bytes and leaks.iloc[0].distance == 0
+    pairs = nearest_cross_split_pairs(bytes_only, unclustered)
+    assert len(pairs) == 1 and pairs.iloc[0].same_bytes and pairs.iloc[0].distance == 0
     clustered = assign_splits(images, 0.5, seed=3)
-    assert cross_split_near_duplicates(images, clustered).empty
-    assert cluster_figures(clustered, cross_split_near_duplicates(images, clustered)) == {
-        "clusters": 1, "images_in_clusters": 2, "largest_cluster": 2, "cluster_sizes": {"2": 1},
-        "near_duplicate_pairs_across_splits": 0}
+    first = nearest_cross_split_pairs(images, clustered).query("rank == 1")
+    assert len(first) == (clustered.split == "test").sum() and (first.distance > R).all()
+    assert cluster_figures(clustered) == {
+        "clusters": 1, "images_in_clusters": 2, "largest_cluster": 2, "cluster_sizes": {"2": 1}}
+
+
+def test_the_nearest_train_distance_moves_with_what_the_split_kept_apart():
+    """The image-level figures are not fixed by the split: a test image drawn closer to a train image (still
+    beyond the radius) lowers the closest distance and enters the leakage band; the ranks are the order of
+    the distances, ties to the first train image."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 256, dtype=np.uint8)
+
+    def hexcode(bits: np.ndarray) -> str:
+        return np.packbits(bits).tobytes().hex()
+
+    def flipped(n: int, seed: int) -> np.ndarray:
+        out = base.copy()
+        out[np.random.default_rng(seed).choice(256, n, replace=False)] ^= 1
+        return out
+
+    def table(test_flips: int) -> pd.DataFrame:
+        codes = {"train-a": base, "train-b": flipped(90, 1), "train-c": flipped(90, 2), "test": flipped(test_flips, 3)}
+        return pd.DataFrame([{"source": "s", "img_id": k, "sha256": k, "fingerprint": hexcode(v),
+                              "window_fingerprints": hexcode(v) * 5} for k, v in codes.items()])
+
+    splits = pd.DataFrame({"source": "s", "img_id": ["train-a", "train-b", "train-c", "test"],
+                           "split": ["train", "train", "train", "test"]})
+    far, near = (nearest_cross_split_pairs(table(n), splits) for n in (100, 50))
+    assert near["train_img_id"].iloc[0] == "train-a" and list(near["rank"]) == [1, 2, 3]
+    assert near.distance.is_monotonic_increasing and near.distance.iloc[0] == 50
+    f_far, f_near = (nearest_distance_figures(p, R, 64) for p in (far, near))
+    assert f_near["closest_cross_split_distance"] == 50 < f_far["closest_cross_split_distance"]
+    assert (f_near["test_images_near_train"], f_far["test_images_near_train"]) == (1, 0)
+    assert f_near["nearest_train_distance_histogram"] == {"48-55": 1}
 
 
 # --- the search ----------------------------------------------------------------------------------------
@@ -265,14 +307,20 @@ def test_usable_images_carry_fingerprints_and_the_config_has_the_distance():
     assert list(usable_images(qa, images).columns) == ["source", "img_id", "source_label", "sha256",
                                                         "fingerprint", "window_fingerprints"]
     assert SplitConfig().near_duplicate_distance == R
+    with pytest.raises(ValueError, match="leakage_distance"):  # pairs within the radius share a split
+        SplitConfig(near_duplicate_distance=50, leakage_distance=40)
 
 
 def test_card_shows_the_image_level_figures():
     figures = {"model": "m", "threshold": 0.5, "rows_in": 10, "rows_kept": 9, "rows_removed": 1,
-               "near_duplicate_distance": R, "clusters": 3, "images_in_clusters": 8, "largest_cluster": 4,
-               "cluster_sizes": {"2": 2, "4": 1}, "near_duplicate_pairs_across_splits": 0}
+               "near_duplicate_distance": R, "leakage_distance": 64, "clusters": 3, "images_in_clusters": 8,
+               "largest_cluster": 4, "cluster_sizes": {"2": 2, "4": 1}, "test_images_paired": 7,
+               "closest_cross_split_distance": 53, "nearest_train_distance_histogram": {"48-55": 2, "56-63": 5},
+               "test_images_near_train": 7, "test_rows_leaking": 2}
     text = "\n".join(_dedup_section(figures))
-    assert f"| near-duplicate image pairs across splits (fingerprint distance <= {R} of 256 bits) | 0 |" in text
+    assert "| distance of the closest test / train pair (bits) | 53 |" in text
+    assert "| test images with a train image within 64 bits (similar scenes kept apart) | 7 |" in text
+    assert "| test rows repeating a train row's meaning on a train image within 64 bits of theirs | 2 |" in text
     assert "| clusters of near-duplicate images (more than one image) | 3 |" in text
     assert "| images in those clusters | 8 |" in text and "| largest cluster (images) | 4 |" in text
-    assert "| 4 | 1 |" in text  # cluster size histogram
+    assert "| 4 | 1 |" in text and "| 56-63 | 5 |" in text  # cluster sizes, nearest distances

@@ -62,6 +62,12 @@ def test_report_on_the_sample_has_every_section_and_its_files(sample_run):
     assert "report_files/contact-sheet.png" in sources and "report_files/nearest-neighbour.png" in sources
     assert sum(s.startswith("report_files/thumbs/") for s in sources) >= 18  # a thumbnail per class at least
     assert "<b>Explanation</b>: " in text  # example rows carry the `explanations` config's text
+    # leakage: the nearest train image of each test image as a histogram, the closest pairs with thumbnails
+    assert "report_files/nearest-train-image.png" in sources and "Closest test / train image pairs" in text
+    nearest = pd.read_parquet(sample_run / "stages/leakage_images.parquet").query("rank == 1")
+    closest = nearest.sort_values("distance").iloc[0]
+    assert f"report_files/thumbs/{closest.test_source}__{closest.test_img_id}.jpg" in sources
+    assert f"report_files/thumbs/{closest.train_source}__{closest.train_img_id}.jpg" in sources
     assert "54856" in text and "Kvasir-VQA-x1" in text  # the reference beside our counts
     # the quarantine shows raw inputs: the dropped question's label row as read
     assert "sources / dropped_question" in text and "Is this finding easy to detect?" in text
