@@ -186,7 +186,7 @@ def card_counts(data: dict[str, pd.DataFrame]) -> dict:
     for split, df in data.items():
         classes = Counter(c for cl in df["question_class"] for c in cl)
         out["splits"][split] = {
-            "rows": len(df), "images": int(df["img_id"].nunique()),
+            "rows": len(df), "images": int(df[["source", "img_id"]].drop_duplicates().shape[0]),  # ids repeat across sources
             "complexity": {int(k): int(v) for k, v in sorted(Counter(df["complexity"]).items())},
             "question_class": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
             "source": dict(sorted(Counter(df["source"]).items())),

@@ -368,3 +368,12 @@ def test_card_table_cells_escape_pipes_and_line_breaks():
         cells = [c for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         assert len(cells) == 2, line
     assert "Is there a \\| b? Or c" in table and "a \\\\\\| b" in table
+
+
+def test_card_counts_images_by_source_and_id():
+    """Two sources can use one id (Kvasir-SEG frames under their HyperKvasir ids): they are two images."""
+    from publish.card import card_counts
+
+    rows = pd.DataFrame({"source": ["hyper-kvasir", "kvasir-seg", "kvasir-seg"], "img_id": ["a", "a", "a"],
+                         "complexity": [1, 1, 2], "question_class": [["polyp_count"]] * 3, "answer": ["one"] * 3})
+    assert card_counts({"train": rows})["splits"]["train"]["images"] == 2
