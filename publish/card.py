@@ -180,6 +180,15 @@ def _augmented_section(counts: dict, recipe: list[str], truth: dict) -> list[str
                                            for a in artifacts]), "", *_augmented_truth(truth)]
 
 
+def _missing_from_test(missing: dict | None) -> list[str]:
+    """The classes and levels the test split has no row of (a model is not evaluated on them)."""
+    if not missing or not (missing["question_class"] or missing["complexity"]):
+        return []
+    return ["With no test row (too few images in their stratum for a test image; not evaluated by this release):",
+            "", *[f"- level {lvl}" for lvl in missing["complexity"]],
+            *[f"- `{c}`" for c in missing["question_class"]], ""]
+
+
 def card_counts(data: dict[str, pd.DataFrame]) -> dict:
     """Counts per split, complexity, class and source: the figures the card prints (tests compare them)."""
     out: dict = {"splits": {}}
@@ -192,6 +201,11 @@ def card_counts(data: dict[str, pd.DataFrame]) -> dict:
             "source": dict(sorted(Counter(df["source"]).items())),
             "mean_answer_words": round(float(df["answer"].str.split().str.len().mean()), 2) if len(df) else 0.0,
         }
+    if "test" in out["splits"]:  # small strata get no test image (round(0.1 x 4) = 0): say which
+        test, present = out["splits"]["test"], out["splits"].values()
+        out["missing_from_test"] = {
+            "complexity": sorted({lvl for v in present for lvl in v["complexity"]} - set(test["complexity"])),
+            "question_class": sorted({c for v in present for c in v["question_class"]} - set(test["question_class"]))}
     return out
 
 
@@ -264,6 +278,7 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
         "A row counts once for every class it holds.", "",
         _table(["question_class", *splits], [[c, *[v["question_class"].get(c, 0) for v in splits.values()]]
                                              for c in classes]), "",
+        *_missing_from_test(counts.get("missing_from_test")),
         "## Sources and licenses", "",
         _table(["source", "kind", "license", *[f"{s} rows" for s in splits]],
                [[src["name"], src["kind"], src["license"], *[v["source"].get(src["name"], 0)

@@ -377,3 +377,18 @@ def test_card_counts_images_by_source_and_id():
     rows = pd.DataFrame({"source": ["hyper-kvasir", "kvasir-seg", "kvasir-seg"], "img_id": ["a", "a", "a"],
                          "complexity": [1, 1, 2], "question_class": [["polyp_count"]] * 3, "answer": ["one"] * 3})
     assert card_counts({"train": rows})["splits"]["train"]["images"] == 2
+
+
+def test_card_lists_classes_and_levels_with_no_test_row():
+    from publish.card import _missing_from_test, card_counts
+
+    def rows(classes, levels):
+        return pd.DataFrame({"source": "s", "img_id": [f"i{n}" for n in range(len(levels))], "complexity": levels,
+                             "question_class": classes, "answer": ["yes"] * len(levels)})
+
+    counts = card_counts({"train": rows([["a"], ["b", "c"]], [1, 2]), "test": rows([["a"]], [1])})
+    assert counts["missing_from_test"] == {"complexity": [2], "question_class": ["b", "c"]}
+    text = "\n".join(_missing_from_test(counts["missing_from_test"]))
+    assert "- level 2" in text and "- `b`" in text and "- `c`" in text and "`a`" not in text
+    full = card_counts({"train": rows([["a"]], [1]), "test": rows([["a"]], [1])})
+    assert _missing_from_test(full["missing_from_test"]) == []
