@@ -101,7 +101,7 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
             qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
             usage = getattr(backend, "usage", {})
             failed = backend.client.failed_requests() if usage else 0
-        reconcile("plans", len(plans), int((qa["paraphrase_of"] == "").sum()), len(rejected))
+        reconcile_ids("plans", plans["plan_id"], qa.loc[qa["paraphrase_of"] == "", "qa_id"], rejected["key"])
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
@@ -136,7 +136,7 @@ def deduplicate_pairs(cfg: Config, run_dir: Path) -> dict:
                      timings["texts_embedded"], timings["embed_s"], timings.get("global_s", 0))
         else:
             kept, duplicates, figures = qa, pd.DataFrame(columns=DUPLICATE_COLUMNS), {"enabled": False}
-        reconcile("QA rows through dedup", len(qa), len(kept), len(duplicates))
+        reconcile_ids("QA rows through dedup", qa["qa_id"], kept["qa_id"], duplicates["qa_id"])
         write_table(kept, run_dir / "stages/qa_dedup.parquet")
         write_table(duplicates, run_dir / "stages/duplicates.parquet")
         return figures, ["stages/qa_dedup.parquet", "stages/duplicates.parquet"]
@@ -207,7 +207,7 @@ def write_hub_release(cfg: Config, run_dir: Path) -> dict:
         released = release_rows(qa, splits, images)
         kept = released["qa_id"]
         rejected = unreleased_rows(qa, kept, bad_images)
-        reconcile("QA rows", len(all_qa), len(kept), len(rejected) + len(expert))
+        reconcile_ids("QA rows", all_qa["qa_id"], kept, rejected["key"], expert["key"])
         write_table(rejected, run_dir / "stages/quarantine_publish.parquet")
         write_table(expert, run_dir / "stages/quarantine_review.parquet")
         release_dir = run_dir / "release"
@@ -261,7 +261,7 @@ def explain_pairs(cfg: Config, run_dir: Path) -> dict:
                                            GroundingChecker(catalog), phrasings, mask_index(mask_dirs))
             usage = getattr(backend, "usage", {})
             failed = backend.client.failed_requests() if usage else 0
-            reconcile("QA rows explained", len(qa), len(table), len(rejected))
+            reconcile_ids("QA rows explained", qa["qa_id"], table["qa_id"], rejected["key"])
         write_table(table, run_dir / "stages/explanations.parquet")
         write_table(rejected, run_dir / "stages/quarantine_explain.parquet")
         return ({"enabled": ex.enabled, "rows": len(qa), "explained": len(table), "rejected": len(rejected),

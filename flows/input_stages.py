@@ -105,7 +105,8 @@ def check_images(cfg: Config, run_dir: Path) -> dict:
     def build():
         facts = read_table(run_dir / "stages/facts.parquet")
         images, bad = inventory_images(facts, cfg.sources, **image_check_runner(cfg))
-        reconcile("images", int(facts[["source", "img_id"]].drop_duplicates().shape[0]), len(images), len(bad))
+        reconcile_ids("images", zip(facts["source"], facts["img_id"]), zip(images["source"], images["img_id"]),
+                      zip(bad["source"], bad["key"]))
         write_table(images, run_dir / "stages/images.parquet")
         write_table(bad, run_dir / "stages/quarantine_images.parquet")
         return ({"images": len(images) + len(bad), "usable": len(images), "quarantined": len(bad),

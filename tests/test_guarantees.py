@@ -227,3 +227,30 @@ def test_add_class_that_would_change_rows_is_rolled_back_to_the_same_bytes(tmp_p
     assert not (run / "class_additions.json").exists()
     assert tree_digests(run) == before  # every old row and file is back as it was
     assert not (run.parent / ".rb.snapshot").exists()
+
+
+def test_release_reconciles_ids_so_compensating_errors_fail(capped_run, tmp_path, monkeypatch):
+    """A row lost and another counted twice keep the counts equal: the release stage reconciles the ids
+    (every QA row kept or quarantined exactly once) and stops naming both."""
+    import shutil
+
+    import flows.build_release as build
+    from flows.input_stages import ReconciliationError
+    from kvqa.config import load_config
+
+    run = tmp_path / "capped"
+    shutil.copytree(capped_run, run)
+    (run / "stages" / "release.done.json").unlink()
+    cfg = load_config(capped_run.parent.parent / "c.yaml")
+    real = build.expert_rejected
+
+    def lose_one_and_reject_a_kept_one(qa, verdicts, images):
+        kept, expert = real(qa, verdicts, images)
+        lost, twice = kept.iloc[0], kept.iloc[1]
+        wrong = pd.DataFrame([{"stage": "review", "source": twice.source, "key": twice.qa_id,
+                               "reason": "expert_rejected", "detail": "", "raw": ""}])
+        return kept.iloc[1:], pd.concat([expert, wrong], ignore_index=True)
+
+    monkeypatch.setattr(build, "expert_rejected", lose_one_and_reject_a_kept_one)
+    with pytest.raises(ReconciliationError, match="QA rows: .* missing .* 1 in two parts"):
+        build.write_hub_release.fn(cfg, run)
