@@ -19,7 +19,7 @@ Scopes (config `dedup.scopes`):
   groups: every member is within `global_threshold` of its group's leader, so two members are within the
   angle of twice that), and a histogram of each phrasing's nearest-neighbour similarity; with
   `max_repeats`, a cap on how many rows one phrasing may have (extra rows removed by a seeded, order-free
-  choice; rule `cap`).
+  choice; rule `cap`; the paraphrases of a capped row go with it, rule `orphan`).
 - `cross-split`: test rows that ask what a train row asks (same classes, cosine >= `threshold`) about a
   train image near their own: one of the test image's nearest train images
   (`dedup.frames.nearest_cross_split_pairs`) within `split.leakage_distance` bits. The split already keeps
@@ -214,6 +214,14 @@ def global_recurrence(qa: pd.DataFrame, texts: list[str], vectors: np.ndarray, g
                     capped.append({"qa_id": ids[i], "duplicate_of": ids[rows[0]], "similarity": 1.0,
                                    "scope": "global", "rule": "cap"})
         figures["removed_by_cap"] = len(capped)
+        # A capped row's paraphrases would point at a row the release lacks: they go too, as in the image
+        # scope (`orphan`, duplicate_of = the capped row they paraphrase).
+        gone = {c["qa_id"] for c in capped}
+        orphans = [{"qa_id": q, "duplicate_of": source, "similarity": float("nan"), "scope": "global",
+                    "rule": "orphan"} for q, source in zip(ids, qa["paraphrase_of"].fillna(""))
+                   if source in gone and q not in gone]
+        figures["orphaned_by_cap"] = len(orphans)
+        capped += orphans
     return figures, capped
 
 

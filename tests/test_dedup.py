@@ -406,3 +406,23 @@ def test_cross_split_leakage_on_similar_scenes_the_split_kept_apart(real_qa, enc
     assert set(leaks.test_qa_id) == set(scene.qa_id) and (leaks.image_distance == 56).all()
     assert set(leaks.train_qa_id) <= set(one.qa_id) and (leaks.similarity > 0.99).all()
     assert cross_split_leakage(qa, vectors, nearest_cross_split_pairs(images(70), splits), 0.5, 64).empty
+
+
+def test_the_cap_takes_a_capped_rows_paraphrases_with_it():
+    """`max_repeats` removes rows of a phrasing repeated on many images; a removed row's LLM paraphrases would
+    point at a row the release lacks (`paraphrase_of`): they are removed as orphans, counted."""
+    from dedup.near import global_recurrence
+
+    plans = [{"qa_id": f"p{i}", "paraphrase_of": "", "question": "Is there a polyp?"} for i in range(4)]
+    paraphrases = [{"qa_id": f"p{i}x", "paraphrase_of": f"p{i}", "question": f"Can you see a polyp, case {i}?"}
+                   for i in range(4)]
+    qa = pd.DataFrame(plans + paraphrases)
+    texts = qa["question"].str.lower().tolist()
+    vectors = np.eye(len(qa), dtype=np.float32)
+    figures, removed = global_recurrence(qa, texts, vectors, 0.95, 1, seed=3)
+    capped = {r["qa_id"] for r in removed if r["rule"] == "cap"}
+    orphans = {r["qa_id"]: r["duplicate_of"] for r in removed if r["rule"] == "orphan"}
+    assert len(capped) == 3 and figures["removed_by_cap"] == 3
+    assert orphans == {f"{c}x": c for c in capped} and figures["orphaned_by_cap"] == 3
+    kept = qa[~qa["qa_id"].isin(capped | set(orphans))]
+    assert set(kept["paraphrase_of"]) - {""} <= set(kept["qa_id"])
