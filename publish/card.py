@@ -298,8 +298,10 @@ def render_card(release_dir: Path, files: dict[str, list[dict]], *, pretty_name:
             ["img_id", "image id in its source"],
             ["complexity", "number of atomic QA pairs merged into the question (1-3)"],
             ["question", "natural clinical question"], ["answer", "concise clinical answer"],
-            ["original", "JSON list of the atomic pairs `[{\"q\": ..., \"a\": ...}]`, in question order"],
-            ["question_class", "one class per atomic pair, in question order"],
+            ["original", "JSON list of the atomic pairs `[{\"q\": ..., \"a\": ...}]`, in the plan's order: the "
+                         "order a template question asks them; an LLM-written question (`generator`) may ask them "
+                         "in another order"],
+            ["question_class", "one class per atomic pair, in the order of `original`"],
             ["image", "the image, bytes embedded"],
             ["qa_id", "stable id of the pair"], ["source", "source dataset name"],
             ["source_label", "image category in its source"],
