@@ -8,8 +8,9 @@ our facts table, so each row gets:
   facts of the same image that bear on the question (where the finding lies, its colour, size and
   morphology, the instruments or landmarks; `support` in `prompts/explanations.yaml`), and a sentence on
   the marked regions. It states facts of that image only: the grounding check
-  (`generate.grounding.GroundingChecker.check_statement`, as for answers) against every fact it cites, plus
-  `unsupported_value` (no value of any other class unless a cited fact or a source box has it). A row whose
+  (`generate.grounding.GroundingChecker.check_statement`, as for answers): every fact it cites stated, no fact
+  of the image contradicted, no value of a class the image has no fact of unless a source box has it
+  (`unsupported_value`). A row whose
   explanation fails is quarantined (`stage` explain) with the reason and the text, never released.
 - `visual_explanation`: the boxes of the cited facts, as they are in the source labels (HyperKvasir polyp
   boxes, Kvasir-Instrument boxes, Kvasir-SEG mask components), in the subtask-2 shape `{type:
@@ -51,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from generate.backends import PlanFact, Rejected
 from generate.grounding import GroundingChecker, Violation
-from generate.realize import answered_batches, plan_inputs
+from generate.realize import answered_batches, image_facts, plan_inputs
 from generate.template import answer_key, compose_answer, number_word, render_answer_clause, upper_first
 from kvqa.catalog import Catalog
 from kvqa.errors import ConfigError
@@ -129,6 +130,7 @@ class ExplainItem:
     support: tuple[PlanFact, ...]  # supporting facts of the same image
     boxes: tuple[dict, ...]        # source boxes of the cited facts (label, xmin, ymin, xmax, ymax)
     mask: str                      # Kvasir-SEG mask file of the image, "" when none
+    image: tuple[PlanFact, ...] = ()  # every fact of the image: what the text may not contradict
 
     @property
     def cited(self) -> tuple[PlanFact, ...]:
@@ -256,10 +258,12 @@ def check_explanation(checker: GroundingChecker, text: str, item: ExplainItem) -
     n = sentence_count(text)
     if not MIN_SENTENCES <= n <= MAX_SENTENCES:
         return Violation("explanation_length", f"{n} sentences, expected {MIN_SENTENCES}-{MAX_SENTENCES}")
-    violation = checker.check_statement(text, item.cited)
-    if violation:
-        return Violation("explanation_contradicts_labels", violation.detail)
-    return checker.unsupported_value(text, item.cited, frozenset(b["label"] for b in item.boxes))
+    violation = checker.check_statement(text, item.cited, item.image, frozenset(b["label"] for b in item.boxes))
+    if violation is None:
+        return None
+    if violation.reason == "unsupported_value":
+        return violation
+    return Violation("explanation_contradicts_labels", violation.detail)
 
 
 def mask_index(mask_dirs: dict[str, Path]) -> dict[tuple[str, str], str]:
@@ -276,17 +280,18 @@ def explain_items(qa: pd.DataFrame, plans: pd.DataFrame, facts: pd.DataFrame, ph
     order = {name: i for i, name in enumerate(phrasings.support)}
     by_plan = {p.plan_id: p for p in plan_inputs(plans, facts)}
     boxes = {fid: plain_boxes(b) for fid, b in zip(facts["fact_id"], facts["boxes"]) if len(b)}
-    image_facts: dict[tuple[str, str], list[PlanFact]] = {}
+    every_fact = image_facts(facts)
+    asked: dict[tuple[str, str], list[PlanFact]] = {}  # the image's facts that have a level-1 plan
     for plan in by_plan.values():
         if plan.complexity == 1:
-            image_facts.setdefault((plan.source, plan.img_id), []).append(plan.facts[0])
+            asked.setdefault((plan.source, plan.img_id), []).append(plan.facts[0])
     items = []
     for r in qa.itertuples(index=False):
         plan = by_plan[r.paraphrase_of or r.qa_id]
         by_class = {f.question_class: f for f in plan.facts}
         row_facts = tuple(by_class[c] for c in r.question_class)
         wanted = {c for f in row_facts for c in phrasings.support.get(f.question_class, [])} - set(by_class)
-        support = sorted((f for f in image_facts.get((r.source, r.img_id), [])
+        support = sorted((f for f in asked.get((r.source, r.img_id), [])
                           if f.question_class in wanted and list(f.values) != ["none"]),
                          key=lambda f: (order.get(f.question_class, len(order)), f.question_class))
         support = tuple(support[:phrasings.max_support_facts])
@@ -295,7 +300,7 @@ def explain_items(qa: pd.DataFrame, plans: pd.DataFrame, facts: pd.DataFrame, ph
             cited_boxes += [b for b in boxes.get(f.fact_id, []) if b not in cited_boxes]
         mask = masks.get((r.source, r.img_id), "") if cited_boxes else ""
         items.append(ExplainItem(r.qa_id, r.source, r.img_id, r.question, r.answer, row_facts, support,
-                                 tuple(cited_boxes), mask))
+                                 tuple(cited_boxes), mask, tuple(every_fact.get((r.source, r.img_id), ()))))
     return items
 
 

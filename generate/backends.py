@@ -55,6 +55,9 @@ class RealizerBackend(Protocol):
     """Turns plans into natural question/answer pairs."""
 
     name: str
+    # True when the backend writes its own text (an LLM): its questions must not be atomic questions copied
+    # or an echo of its prompt (`GroundingChecker.check_question(llm=True)`).
+    free_text: bool
 
     def version_for(self, classes: Sequence[str]) -> str:
         """Prompt or template version recorded in the provenance of a row asking these classes."""

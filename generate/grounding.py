@@ -1,153 +1,63 @@
-"""Grounding check: does a generated question/answer state exactly what the atomic facts say? No LLM.
+"""Grounding check: does a generated question ask about exactly the plan's classes, and does its answer state
+every fact of the plan and nothing contrary to any fact of the image? No LLM.
 
-Applied to every realised row, whatever the backend, so an LLM that contradicts the labels (says "no
-polyps" for a count of two, flips "yes" to "no", names the wrong colour or location) or asks about fewer
-classes than the plan is caught and the row rejected with the reason.
+Applied to every realised row, whatever the backend, and to paraphrases and explanations. The text is read
+by `generate.reader` (what it asserts, denies and only hedges, per class); the verdicts:
 
-Each fact is judged against the part of the answer that states it, not against the whole answer, so that
-"no" in a clause about one fact cannot contradict another. An LLM gives no clause-to-fact mapping, so the
-parts are found from the text:
-
-- Spans that state another fact of the plan are masked first: that fact's values written out ("polyp
-  snare" is an instrument, not a polyp; "dyed resection margins" says nothing about removal). A span of
-  the judged fact's own value that contains the other span wins ("polyp" inside "a polyp" is kept).
-- A mention of the judged class's noun or value that is the modifier or subject of another plan fact's
-  topic word belongs to that fact: "no polyp *size* applies", "no polyps *remain*", "all polyps have been
-  *removed*", "no *pathological* findings" are about size, removal and abnormalities, not a count of zero
-  or a polyp. The topic words are the other class's `question_cues` and `polarity_cues` (auxiliaries such
-  as "is", "have been", "to" may come between). For counts only a zero ("no", "zero", "0") is re-assigned
-  this way: "one polyp measures 5 mm" still states a count of one.
-
-The rules per answer type:
-
-- question: for every class of the plan, every group of the class's `question_cues` matches.
-- yes_no: `value_phrases` are checked first ("not applicable" states "not relevant"); otherwise the
-  clauses that match a `polarity_cue` state its `affirmative` value when not negated and the other value
-  when negated ("no polyps remain" states removal "yes"). At least one clause must state the value and
-  none may state another.
-- count: "<number> [up to two words] <noun>" mentions within one clause (digits, number words, "a
-  single", "no"; a number inside "0-1" or "5-10mm" is not one); at least one, all equal to the fact.
-- single/multi choice, colour, location: every value must appear (as its canonical name, display name or
-  a synonym; "none" needs a negation); no other value of the vocabulary may appear in an affirmative
-  clause unless another fact of the same plan has it. All nine grid cells may be stated as "the whole
-  frame" and the like.
-
-Texts are normalised first (lower case, British to American spelling, dashes, "5 - 10 mm" -> "5-10mm").
+- **question** (`check_question`): every plan class is asked (each group of its `question_cues` matches as
+  a word or, with `*`, a word start: "text" is not in "texture"; a none or zero fact is also asked by a
+  question about its object: "Is there any instrument?" asks where an absent instrument is; a presence class
+  by naming one of its values: "any signs of ulcerative colitis?"), and no other class is
+  (`question_off_target`: every cue group of a class outside the plan matches words the plan's cues do not
+  explain: "Is there text and how large is the polyp?" for a text fact). For LLM text also: a verbatim copy
+  of an atomic question (`question_copies_atomic`: naturalizing is the point of the LLM step) and a prompt
+  echo (`question_echoes_prompt`).
+- **answer** (`check_statement`), per plan fact: its value asserted (`answer_misses_fact` when it is only
+  hedged, "one or two polyps", or not said); nothing that contradicts it (`answer_contradicts_labels`: a
+  denied value, another value asserted, a count outside the interval stated). The image's other facts are
+  held to the second rule too, and a value of a class the image has no fact of is an invented finding
+  (`unsupported_value`). A terse answer that is the label ("no", "1") states it: whether it is too terse for
+  an LLM row is a naturalness question the LLM backend asks apart (`answer_too_terse`, `llm.min_answer_words`),
+  never a contradiction.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 from generate.backends import PlanFact
-from generate.template import NUMBER_WORDS
+from generate.prompts import load_prompt
+from generate.reader import NAMED_VALUES, NUMBERS, Reader, Reading, Statement, normalise
 from kvqa.catalog import AnswerType, Catalog, QuestionClass
 
-NEGATION = re.compile(r"\b(?:no|not|none|without|absent|neither|nor|free of|never)\b|n't\b")
-CLAUSE_SPLIT = re.compile(r"[,;:.]|\band\b|\bbut\b|\bwhile\b|\bwhereas\b")
-WHOLE_FRAME = re.compile(r"\b(?:whole|entire|all regions|all areas|throughout|every region|everywhere|"
-                         r"across all|all nine|all parts)\b")
-# "a polyp" is not a count ("a polyp present" answers abnormality presence); "a single polyp" is.
-NUMBER = {w: i for i, w in enumerate(NUMBER_WORDS)} | {"no": 0, "a single": 1, "single": 1}
-SPELLING = [("colour", "color"), ("centre", "center"), ("artefact", "artifact"), ("oesophag", "esophag"),
-            ("haemorrhoid", "hemorrhoid"), ("caecum", "cecum"), ("rigth", "right")]
-# Words that may stand between a mention and the topic word of the fact it belongs to: "no polyps *to*
-# remove", "all polyps *have been* removed".
-LINKING = r"(?:is|are|was|were|be|been|being|has|have|had|to|of|not|yet|now|still|fully|completely|already)"
-NAMED_VALUES = {AnswerType.single_choice, AnswerType.multi_choice, AnswerType.color, AnswerType.location}
-# What a masked span (another fact's stated value) is replaced with: a word, so "two _ polyps" still parses.
-MASK = "_"
+__all__ = ["GroundingChecker", "Violation", "normalise", "cue_regex"]
+
+TERSE_WORDS = {"not applicable": "not relevant", "n/a": "not relevant"}
+# What a reply that talks about its task instead of asking says: a preamble ("Sure! Here's the rewritten
+# question:"), markup, the prompt's own words, a label before the question ("Output: Is ...").
+ECHO_MARKERS = re.compile(r"\bjson\b|[{}\[\]<>]|\bfacts?\b.*\batomic\b|\batomic question|\brewr[io]te|\bparaphras|"
+                          r"\bthe following\b|^(?:question|answer|output|input|sure|certainly|okay|ok|here)\b|"
+                          r"\bas an ai\b|\blanguage model\b|\bhere(?: is|'s)\b|\bcombine[ds]?\b.*\bquestion|"
+                          r"\bnatural question\b|\bi would (?:phrase|ask|write)\b|"
+                          r":\s*(?:is|are|what|which|how|where|does|do|has|have|can|was|were|in)\b")
+ECHO_MAX_CHARS = 300
+ANY_RE = re.compile(r"\bany\b")
+LLM_PROMPTS = ("compose", "naturalize", "verify", "explain")
+# The parts of a composed question ("What type of procedure is this, and have all polyps been removed?"): an
+# off-target class must be asked within one part, not pieced together from words of two.
+QUESTION_PART = re.compile(r"[^,;?]+?(?=,|;|\?|\band\b|$)|(?<=\band\b)[^,;?]+")
+ECHO_NGRAM = 6
 
 
-def normalise(text: str) -> str:
-    t = text.lower().replace("\u2019", "'").replace("\u2013", "-").replace("\u2014", "-")
-    for uk, us in SPELLING:
-        t = t.replace(uk, us)
-    t = re.sub(r"\s*-\s*", "-", t)
-    # The box artefact's name holds two colours that say nothing about the abnormality's colour; only the
-    # box's name is joined, so "green and black abnormal tissue" keeps both colours.
-    t = re.sub(r"green\s*(?:/|or|and)\s*black(?=\s+(?:box|corner|artifact|overlay))", "green-black", t)
-    t = re.sub(r"(\d)\s*mm\b", r"\1mm", t)
-    return " ".join(t.split())
-
-
-def clauses(text: str) -> list[str]:
-    return [c.strip() for c in CLAUSE_SPLIT.split(text) if c.strip()]
-
-
-def phrase_regex(phrase: str) -> str:
-    """A phrase as a whole token sequence; hyphens are part of tokens, so 'center' misses 'upper-center'."""
-    return r"(?<![\w-])" + re.escape(phrase) + r"s?(?![\w-])"
-
-
-def surface_forms(qc: QuestionClass, value: str) -> tuple[str, ...]:
-    """Every normalised way of writing a value: canonical, display name, synonyms."""
-    spec = qc.values.get(value)
-    forms = [value] + ([spec.display] if spec and spec.display else []) + (spec.synonyms if spec else [])
-    out = {normalise(f) for f in forms}
-    out |= {f[2:] for f in out if f.startswith("a ")}  # "a polyp" -> "polyp"
-    return tuple(sorted(out, key=len, reverse=True))
-
-
-def cue_words(qc: QuestionClass) -> set[str]:
-    """The normalised words of a class's question cues (prefixes such as 'locat', 'classif')."""
-    return {normalise(c) for group in qc.question_cues for c in group}
-
-
-@dataclass(frozen=True)
-class _Compiled:
-    """A class's rules compiled once: the check runs on every generated row."""
-
-    cues: tuple[tuple[str, ...], ...]
-    polarity: tuple[tuple[re.Pattern, str], ...]
-    phrases: tuple[tuple[str, tuple[re.Pattern, ...]], ...]
-    count: re.Pattern | None
-    values: dict[str, re.Pattern]
-
-    @classmethod
-    def of(cls, qc: QuestionClass) -> "_Compiled":
-        count = None
-        if qc.noun:
-            number = "|".join(sorted((re.escape(w) for w in NUMBER), key=len, reverse=True))
-            nouns = "|".join(re.escape(n) for n in sorted(set(qc.noun), key=len, reverse=True))
-            count = re.compile(rf"(?<![\w-])(\d+|{number})(?![\w-])\s+((?:[\w-]+\s+){{0,2}}?)(?:{nouns})\b")
-        return cls(
-            cues=tuple(tuple(normalise(c) for c in group) for group in qc.question_cues),
-            polarity=tuple((re.compile(c.pattern), c.affirmative) for c in qc.polarity_cues),
-            phrases=tuple((v, tuple(re.compile(p) for p in pats)) for v, pats in qc.value_phrases.items()),
-            count=count,
-            values={v: re.compile("|".join(phrase_regex(f) for f in surface_forms(qc, v))) for v in qc.values},
-        )
-
-
-@dataclass(frozen=True)
-class _Topic:
-    """Another class's topic words, as seen from the class being judged (its own cue words left out)."""
-
-    anywhere: re.Pattern  # a topic word inside a mention ("no *pathological* findings")
-    after: re.Pattern  # a topic word right after a mention, linking words allowed ("no polyps *remain*")
-
-    @classmethod
-    def of(cls, judged: QuestionClass, other: QuestionClass) -> "_Topic | None":
-        """The other class's question-cue words and polarity patterns, less whatever also names the judged
-        class ("finding" is not abnormality presence's topic when a finding count is judged)."""
-        own = cue_words(judged) | {normalise(n) for n in judged.noun or []}
-        if judged.answer_type in NAMED_VALUES:
-            own |= {f for v in judged.values if v != "none" for f in surface_forms(judged, v)}
-        words = sorted(w for w in cue_words(other) if not any(o.startswith(w) or w.startswith(o) for o in own))
-        polarity = [c.pattern for c in other.polarity_cues if not any(re.search(c.pattern, o) for o in own)]
-        alternatives = [r"(?<![\w-])" + re.escape(w) for w in words] + polarity
-        if not alternatives:
-            return None
-        topic = "(?:" + "|".join(alternatives) + ")"
-        return cls(re.compile(topic), re.compile(rf"\s+(?:{LINKING}\s+){{0,3}}{topic}"))
-
-    def owns(self, text: str, mention: re.Match, inside: str = "") -> bool:
-        """Whether the mention (match in `text`, with `inside` its words between number and noun) is about
-        this other class: a topic word follows it, or stands inside it."""
-        return bool(self.after.match(text, mention.end()) or (inside and self.anywhere.search(inside)))
+def cue_regex(cue: str) -> str:
+    """A question cue as a regex: a whole word (plural allowed), or with a trailing `*` a word start."""
+    c = normalise(cue)
+    if c.endswith("*"):
+        return r"(?<![\w-])" + re.escape(c[:-1])
+    return r"(?<![\w-])" + re.escape(c) + r"(?:s|es)?(?!\w)"  # "box-like" asks about the box
 
 
 @dataclass(frozen=True)
@@ -156,185 +66,374 @@ class Violation:
     detail: str
 
 
+@dataclass(frozen=True)
+class _Cues:
+    groups: tuple[re.Pattern, ...]
+    off_target: tuple[re.Pattern, ...]
+
+    @classmethod
+    def of(cls, qc: QuestionClass) -> "_Cues":
+        def compile_groups(groups):
+            return tuple(re.compile("|".join(cue_regex(c) for c in g)) for g in groups)
+        return cls(compile_groups(qc.question_cues), compile_groups(qc.off_target_cues or qc.question_cues))
+
+
 class GroundingChecker:
-    def __init__(self, catalog: Catalog):
+    """The reader plus the verdict rules; one per catalog, reused for every row (compiled once).
+
+    `prompt_texts`: the fixed text of the LLM prompts (default: `prompts/llm/`), whose long word sequences in a
+    question mark a prompt echo.
+    """
+
+    def __init__(self, catalog: Catalog, prompt_texts: Sequence[str] | None = None):
+        if prompt_texts is None:
+            prompt_texts = [t for name in LLM_PROMPTS for p in [load_prompt(name)] for t in (p.system, p.user)]
         self.catalog = catalog
-        self.rules = {name: _Compiled.of(qc) for name, qc in catalog.classes.items()}
-        self._topics: dict[tuple[str, str], _Topic | None] = {}
+        self.reader = Reader(catalog)
+        self.cues = {name: _Cues.of(qc) for name, qc in catalog.classes.items()}
+        self._prompt_texts = tuple(prompt_texts)
+        atomic = [q for qc in catalog.classes.values() for q in [*qc.source_questions, qc.atomic_question]]
+        self.atomic = {self._bare(q) for q in atomic}
+        # the form-filling tails of Kvasir-VQA's atomic questions ("Check all that are present."): a question
+        # that carries one was copied, whatever it asks before
+        self.atomic_instructions = {self._bare(p) for q in atomic for p in re.split(r"(?<=\?)", q)
+                                    if p.strip() and not p.strip().endswith("?")}
+        self.count_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(normalise(n)) for n in qc.noun)
+                                             + r")(?:s|es)?(?![\w-])")
+                            for name, qc in catalog.classes.items() if qc.answer_type == AnswerType.count}
+        self.object_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(normalise(n)) for n in obj.nouns)
+                                              + r")(?:s|es)?(?![\w-])") for name, obj in catalog.objects.items()}
 
-    def check_question(self, question: str, facts: Sequence[PlanFact]) -> Violation | None:
+    @cached_property
+    def prompt_ngrams(self) -> frozenset[tuple[str, ...]]:
+        grams = set()
+        for text in self._prompt_texts:
+            words = re.findall(r"[\w']+", normalise(re.sub(r"\{[^}]*\}", " ", text)))
+            grams |= {tuple(words[i:i + ECHO_NGRAM]) for i in range(len(words) - ECHO_NGRAM + 1)}
+        return frozenset(grams)
+
+    @staticmethod
+    def _bare(question: str) -> str:
+        return " ".join(re.findall(r"[\w'/<>-]+", normalise(question)))
+
+    # --- questions ------------------------------------------------------------------------------------
+    def check_question(self, question: str, facts: Sequence[PlanFact], llm: bool = False) -> Violation | None:
         q = normalise(question)
+        if llm:
+            bare = self._bare(question)
+            copied = [p for p in re.split(r"(?<=\?)", question) if p.strip() and self._bare(p) in self.atomic]
+            copied += [i for i in self.atomic_instructions if i in bare]
+            if copied:
+                return Violation("question_copies_atomic", f"an atomic source question verbatim: {copied[0].strip()!r}")
+            echo = self._echo(question, q)
+            if echo:
+                return Violation("question_echoes_prompt", echo)
+        explained: list[tuple[int, int]] = []
         for fact in facts:
-            missing = [g for g in self.rules[fact.question_class].cues if not any(c in q for c in g)]
-            if missing:
-                return Violation("question_misses_class", f"question does not ask about "
-                                                          f"{fact.question_class} (none of {list(missing[0])})")
+            spans = self._asked(fact, q)
+            if spans is None:
+                return Violation("question_misses_class", f"question does not ask about {fact.question_class} "
+                                                          f"(cues {self._cue_names(fact.question_class)})")
+            explained += spans
+            explained += self._object_spans(fact.question_class, q)
+        plan = {f.question_class for f in facts}
+        parts = [m.span() for m in QUESTION_PART.finditer(q)]
+        for name, cues in self.cues.items():
+            if name in plan:
+                continue
+            asked = self._off_target(name, cues, q, parts, explained)
+            if asked:
+                return Violation("question_off_target", f"question also asks about {name} ({asked!r}), which the "
+                                                        f"plan lacks")
         return None
 
-    def check(self, question: str, answer: str, facts: Sequence[PlanFact]) -> Violation | None:
-        return self.check_question(question, facts) or self.check_statement(answer, facts)
-
-    def check_statement(self, answer: str, facts: Sequence[PlanFact]) -> Violation | None:
-        """The answer half of `check`: the text states every fact's value and no value contradicting one
-        (also what an explanation must do for the facts it cites; see `unsupported_value`)."""
-        a = normalise(answer)
-        mentions = [self._value_mentions(f, a) for f in facts]
-        for k, fact in enumerate(facts):
-            qc = self.catalog.classes[fact.question_class]
-            others = [f for f in facts if f is not fact]
-            masked = [span for j, spans in enumerate(mentions) if j != k for span in spans]
-            text = self._mask_others(a, fact, mentions[k], masked)
-            topics = [t for t in (self._topic(qc.name, f.question_class) for f in others) if t is not None]
-            other_values = {v for f in others for v in f.values}
-            problem = self._check_answer(qc, list(fact.values), text, other_values, topics)
-            if problem:
-                return Violation("answer_contradicts_labels", f"{qc.name}={list(fact.values)}: {problem}")
-        return None
-
-    def unsupported_value(self, text: str, facts: Sequence[PlanFact], supported: frozenset[str] = frozenset()
-                          ) -> Violation | None:
-        """A value of a class that none of `facts` is about, named in an affirmative clause of `text`
-        ("red" with no colour fact, "polyp" with no polyp fact): `check_statement` judges only the classes
-        of the facts given, so a text citing some facts of an image could still invent others. Values the
-        facts state (any class: "center" of an instrument location) and `supported` (e.g. the labels of the
-        source boxes shown with the text) are allowed; the cited facts' own mentions are masked first, and a
-        mention that belongs to a cited fact's topic ("all polyps have been removed") is not a statement."""
-        a = normalise(text)
-        spans = sorted(span for f in facts for span in self._value_mentions(f, a))
-        out, pos = [], 0
-        for s, e in spans:
-            if e <= pos:
-                continue
-            out += [a[pos:max(s, pos)], MASK]
-            pos = e
-        masked = "".join(out + [a[pos:]])
-        cited = {f.question_class for f in facts}
-        # a cited count above zero names its object: "one polyp is in view" needs no polyp-presence fact
-        counted = {n for f in facts if self.catalog.classes[f.question_class].answer_type == AnswerType.count
-                   and f.values[0].isdigit() and int(f.values[0]) > 0
-                   for n in self.catalog.classes[f.question_class].noun or []}
-        stated = {v for f in facts for v in f.values} | set(supported) | counted
-        affirmative = " | ".join(c for c in clauses(masked) if not NEGATION.search(c))
-        for name, qc in self.catalog.classes.items():
-            if name in cited or qc.answer_type not in NAMED_VALUES:
-                continue
-            if not any(p.search(affirmative) for v, p in self.rules[name].values.items()
-                       if v != "none" and v not in stated):
-                continue  # no candidate at all: skip the full per-clause check (most classes, most rows)
-            topics = [t for t in (self._topic(name, f.question_class) for f in facts) if t is not None]
-            problem = self._check_values(qc, self.rules[name], [], masked, stated, topics)
-            if problem:
-                return Violation("unsupported_value", f"{name}: {problem} and no fact of the image has it")
-        return None
-
-    def _topic(self, judged: str, other: str) -> _Topic | None:
-        key = (judged, other)
-        if key not in self._topics:
-            self._topics[key] = _Topic.of(self.catalog.classes[judged], self.catalog.classes[other])
-        return self._topics[key]
-
-    def _mask_others(self, a: str, fact: PlanFact, own: list[tuple[int, int]],
-                     others: list[tuple[int, int]]) -> str:
-        """The answer with the spans that state other facts' values (`others`) replaced by MASK.
-
-        A span where the judged fact states its own value (`own`) or count keeps what it contains: "one
-        polyp" states the count even when the plan's abnormality fact is "polyp", and "a polyp" states the
-        abnormality even when another fact names "polyp snare" elsewhere.
-        """
-        if not others:
-            return a
-        count = self.rules[fact.question_class].count
-        if count is not None:
-            own = own + [m.span() for m in count.finditer(a)]
-        spans = sorted((s, e) for s, e in others if not any(os <= s and e <= oe for os, oe in own))
-        if not spans:
-            return a
-        out, pos = [], 0
-        for s, e in spans:
-            if s < pos:  # overlapping spans of two other facts: mask their union
-                pos = max(pos, e)
-                continue
-            out += [a[pos:s], MASK]
-            pos = e
-        return "".join(out + [a[pos:]])
-
-    def _value_mentions(self, fact: PlanFact, a: str) -> list[tuple[int, int]]:
-        """Where the answer names one of the fact's values; only classes whose values are names (not
-        yes/no, whose "no" is a negation, nor counts)."""
-        qc = self.catalog.classes[fact.question_class]
-        if qc.answer_type not in NAMED_VALUES:
-            return []
-        rules = self.rules[qc.name]
-        return [m.span() for v in fact.values if v != "none" and v in rules.values
-                for m in rules.values[v].finditer(a)]
-
-    def _check_answer(self, qc: QuestionClass, values: list[str], a: str, others: set[str],
-                      topics: list[_Topic]) -> str | None:
-        rules = self.rules[qc.name]
-        if qc.answer_type == AnswerType.yes_no:
-            return self._check_polarity(rules, values[0], a)
-        if qc.answer_type == AnswerType.count:
-            return self._check_count(rules, int(values[0]), a, topics)
-        return self._check_values(qc, rules, values, a, others, topics)
-
-    @staticmethod
-    def _check_polarity(rules: _Compiled, value: str, a: str) -> str | None:
-        stated: list[str] = []
-        for clause in clauses(a):
-            phrase_value = next((v for v, pats in rules.phrases if any(p.search(clause) for p in pats)), None)
-            if phrase_value:
-                stated.append(phrase_value)
-                continue
-            for pattern, affirmative in rules.polarity:
-                if pattern.search(clause):
-                    if NEGATION.search(clause):
-                        stated.append("no" if affirmative == "yes" else "yes")
-                    else:
-                        stated.append(affirmative)
-                    break
-        if not stated:
-            return "the answer does not state it"
-        wrong = sorted(set(stated) - {value})
-        return f"the answer states {wrong}" if wrong else None
-
-    @staticmethod
-    def _check_count(rules: _Compiled, n: int, a: str, topics: list[_Topic]) -> str | None:
-        said = []
-        for clause in clauses(a):
-            for m in rules.count.finditer(clause):
-                number, between = m.group(1), m.group(2)
-                k = int(number) if number.isdigit() else NUMBER[number]
-                # "no polyp size applies" is about the size: a zero that belongs to another fact's topic
-                if k == 0 and any(t.owns(clause, m, between) for t in topics):
+    def _off_target(self, name: str, cues: "_Cues", q: str, parts: list[tuple[int, int]],
+                    explained: list[tuple[int, int]]) -> str | None:
+        """The words by which the question asks about a class outside the plan: a part of the question whose
+        words for what is asked (the first cue group: "where", "how many", "colour") no plan class explains,
+        the other groups matched anywhere ("What colour is the abnormality, and where is it?"); or a value of
+        a presence class named unexplained ("and is there a polyp snare?")."""
+        def free(m: re.Match) -> bool:
+            return not any(s < m.end() and m.start() < e for s, e in explained)
+        first, *rest = cues.off_target
+        for lo, hi in parts:
+            hit = next((m for m in first.finditer(q, lo, hi) if free(m)), None)
+            if hit and all(g.search(q) for g in rest):
+                return q[lo:hi].strip()
+        qc = self.catalog.classes[name]
+        if qc.presence and qc.answer_type == AnswerType.multi_choice:
+            for v in qc.values:
+                if v == "none":
                     continue
-                said.append(k)
-        if not said:
-            return "the answer gives no count"
-        wrong = sorted(set(said) - {n})
-        return f"the answer says {wrong}" if wrong else None
+                hit = next((m for m in self.reader.value_pattern(name, v).finditer(q) if free(m)), None)
+                if hit:
+                    return hit.group(0)
+        return None
+
+    def _object_spans(self, name: str, q: str) -> list[tuple[int, int]]:
+        """Where the question names the class's object or what that includes ("abnormal findings" for a
+        finding count): words that ask about the plan, not about another class."""
+        obj = self.catalog.classes[name].object
+        if obj is None:
+            return []
+        return [m.span() for o in {obj, *self.reader.includes[obj]} for m in self.object_nouns[o].finditer(q)]
+
+    def _cue_names(self, name: str) -> list[list[str]]:
+        return self.catalog.classes[name].question_cues
+
+    def _asked(self, fact: PlanFact, q: str) -> list[tuple[int, int]] | None:
+        """The spans of the question that ask about the fact's class, or None when it is not asked."""
+        qc = self.catalog.classes[fact.question_class]
+        spans = []
+        for group in self.cues[qc.name].groups:
+            hits = [m.span() for m in group.finditer(q)]
+            if not hits:
+                break
+            spans += hits
+        else:
+            return spans
+        # "Is there any instrument?" asks where an absent instrument is; "any signs of colitis?" asks which
+        # abnormalities there are
+        absent = fact.values in (("none",), ("0",)) or (qc.object_absent and fact.values[0] in qc.object_absent)
+        if qc.object and absent:
+            hits = [m.span() for m in self.object_nouns[qc.object].finditer(q)]
+            if hits:
+                return hits
+        if qc.answer_type == AnswerType.count and ANY_RE.search(q):
+            # "Are there any abnormalities?" asks how many there are (Kvasir-VQA-x1 asks counts so)
+            hits = [m.span() for m in self.count_nouns[qc.name].finditer(q)]
+            if hits:
+                return hits
+        if qc.presence and qc.answer_type == AnswerType.multi_choice:
+            hits = [m.span() for v in qc.values if v != "none" for m in self.reader.value_pattern(qc.name, v).finditer(q)]
+            if hits:
+                return hits
+        return None
+
+    def _echo(self, question: str, q: str) -> str | None:
+        if len(question) > ECHO_MAX_CHARS:
+            return f"{len(question)} characters (at most {ECHO_MAX_CHARS} for one question)"
+        if "\n" in question.strip() or question.count("?") > 1:
+            return "more than one question or line (the prompt asks for one question)"
+        marker = ECHO_MARKERS.search(q)
+        if marker:
+            return f"prompt wording {marker.group(0)!r}"
+        words = re.findall(r"[\w']+", q)
+        for i in range(len(words) - ECHO_NGRAM + 1):
+            if tuple(words[i:i + ECHO_NGRAM]) in self.prompt_ngrams:
+                return f"copies the prompt: {' '.join(words[i:i + ECHO_NGRAM])!r}"
+        return None
+
+    # --- answers --------------------------------------------------------------------------------------
+    def check(self, question: str, answer: str, facts: Sequence[PlanFact],
+              image_facts: Sequence[PlanFact] | None = None, llm: bool = False) -> Violation | None:
+        return self.check_question(question, facts, llm) or self.check_statement(answer, facts, image_facts)
+
+    def check_statement(self, text: str, facts: Sequence[PlanFact], image_facts: Sequence[PlanFact] | None = None,
+                        supported: frozenset[str] = frozenset()) -> Violation | None:
+        """The answer half of `check` (also an explanation's check against the facts it cites): every plan fact
+        asserted, no fact of the image contradicted, no value of a class the image has no fact of
+        (`supported`: further values the text may name, e.g. the labels of the boxes shown with it)."""
+        reading = self.reader.read(text)
+        image = {f.question_class: f for f in (image_facts or ())}
+        image.update({f.question_class: f for f in facts})
+        implied = self._implied(reading, image)
+        terse = reading.of("")
+        plan = {f.question_class for f in facts}
+        for fact in facts:
+            sts = reading.of(fact.question_class) + implied.get(fact.question_class, [])
+            if terse and len(facts) == 1:
+                sts = sts + self._terse(fact, terse[0])
+            problem = self._contradiction(fact, sts, image, reading)
+            if problem:
+                return Violation("answer_contradicts_labels", f"{fact.question_class}={list(fact.values)}: {problem}")
+            missing = self._missing(fact, sts)
+            if missing:
+                return Violation("answer_misses_fact", f"{fact.question_class}={list(fact.values)}: {missing}")
+        for name, fact in image.items():
+            if name in plan:
+                continue
+            problem = self._contradiction(fact, reading.of(name), image, reading)
+            if problem:
+                return Violation("answer_contradicts_labels", f"{name}={list(fact.values)} (a fact of the image "
+                                                              f"the question does not ask): {problem}")
+        invented = self._unsupported(reading, image, supported)
+        if invented:
+            return Violation("unsupported_value", invented)
+        return None
+
+    def _implied(self, reading: Reading, image: dict[str, PlanFact]) -> dict[str, list[Statement]]:
+        """Statements that follow from another class's reading (catalog `implies`): "not all polyps have been
+        removed" says a polyp is there."""
+        out: dict[str, list[Statement]] = {}
+        for name, qc in self.catalog.classes.items():
+            if not qc.implies:
+                continue
+            asserted = [st for st in reading.of(name) if st.polarity == "asserted"]
+            for value, implied in qc.implies.items():
+                if asserted and all(st.values == {value} for st in asserted):
+                    for cls, values in implied.items():
+                        out.setdefault(cls, []).append(Statement(cls, frozenset(values), "asserted", asserted[0].span))
+        return out
+
+    def _terse(self, fact: PlanFact, st: Statement) -> list[Statement]:
+        """A one-word answer as a statement of the plan's only fact: "no" for a yes/no or none fact, "2"."""
+        word = TERSE_WORDS.get(next(iter(st.values)), next(iter(st.values)))
+        qc = self.catalog.classes[fact.question_class]
+        if qc.answer_type == AnswerType.yes_no and word in qc.values:
+            return [Statement(qc.name, frozenset([word]), "asserted", st.span)]
+        if qc.answer_type == AnswerType.count:
+            n = 0 if word in ("no", "none") else (int(word) if word.isdigit() else NUMBERS.get(word))
+            if n is not None:
+                return [Statement(qc.name, frozenset(), "asserted", st.span, interval=(n, n))]
+        if word in ("no", "none") and "none" in qc.values:
+            return [Statement(qc.name, frozenset(), "asserted", st.span, none=True)]
+        return []
+
+    def _excused(self, st: Statement, name: str, image: dict[str, PlanFact]) -> bool:
+        """An unbound statement of a shared vocabulary ("red" with no noun near it) is about another candidate
+        class when that class's fact on the image fits it."""
+        if st.bound:
+            return False
+        for other in st.candidates:
+            if other == name or other not in image:
+                continue
+            if self._fits(st, image[other]):
+                return True
+        return False
+
+    def _fits(self, st: Statement, fact: PlanFact) -> bool:
+        qc = self.catalog.classes[fact.question_class]
+        values = set(fact.values)
+        if qc.answer_type == AnswerType.location:
+            return bool(st.values & values) if st.summary else st.values <= values
+        return st.values <= values
+
+    def _contradiction(self, fact: PlanFact, sts: list[Statement], image: dict[str, PlanFact],
+                       reading: Reading) -> str | None:
+        qc = self.catalog.classes[fact.question_class]
+        values = set(fact.values)
+        if qc.answer_type == AnswerType.yes_no:
+            for st in sts:
+                if st.polarity == "asserted" and fact.values[0] not in st.values:
+                    return f"the answer states {sorted(st.values)} ({self._quote(reading, st)})"
+            return None
+        if qc.answer_type == AnswerType.count:
+            n = int(fact.values[0])
+            for st in sts:
+                lo, hi = st.interval
+                if st.polarity == "denied":
+                    if lo == hi == n:
+                        return f"the answer denies {n} ({self._quote(reading, st)})"
+                elif not lo <= n <= hi:
+                    said = f"{lo:g}" if lo == hi else f"{lo:g}..{hi:g}"
+                    return f"the answer says {said} ({self._quote(reading, st)})"
+            return None
+        none = values == {"none"}
+        for st in sts:
+            if st.none:
+                if not none and st.polarity == "asserted":
+                    return f"the answer says there is none ({self._quote(reading, st)})"
+                continue
+            if st.interval is not None:  # the object is said to be there (presence classes)
+                if none and st.polarity != "denied":
+                    return f"the answer says there is one ({self._quote(reading, st)})"
+                continue
+            if st.polarity == "denied":
+                exact = st.values & values if not st.summary else set()
+                if exact:
+                    return f"the answer denies {sorted(exact)} ({self._quote(reading, st)})"
+                continue
+            if st.polarity != "asserted" or self._excused(st, qc.name, image):
+                continue
+            if none:
+                return f"the answer states {sorted(st.values)} ({self._quote(reading, st)})"
+            if qc.answer_type == AnswerType.location and st.summary:
+                if not st.values & values:
+                    return f"the answer places it in {sorted(st.values)} ({self._quote(reading, st)})"
+            elif st.values - values:
+                return f"the answer also states {sorted(st.values - values)} ({self._quote(reading, st)})"
+        return None
+
+    def _missing(self, fact: PlanFact, sts: list[Statement]) -> str | None:
+        qc = self.catalog.classes[fact.question_class]
+        asserted = [st for st in sts if st.polarity == "asserted"]
+        hedged = any(st.polarity == "hedged" for st in sts)
+        if qc.answer_type == AnswerType.yes_no:
+            if any(fact.values[0] in st.values for st in asserted):
+                return None
+        elif qc.answer_type == AnswerType.count:
+            n = int(fact.values[0])
+            if any(st.interval == (n, n) for st in asserted):
+                return None
+        elif fact.values == ("none",):
+            if any(st.none for st in asserted):
+                return None
+        else:
+            covered = set()
+            for st in asserted:
+                if st.interval is None and not st.none:
+                    covered |= st.values
+            if qc.answer_type == AnswerType.location:
+                pass  # summaries cover their cells; contradictions (a summary away from every cell) came first
+            lacking = sorted(set(fact.values) - covered, key=qc.sort_key)
+            if not lacking:
+                return None
+            return (f"{lacking} only hedged" if hedged else f"{lacking} not stated")
+        return "only hedged" if hedged else "not stated"
+
+    def _unsupported(self, reading: Reading, image: dict[str, PlanFact], supported: frozenset[str]) -> str | None:
+        """A value asserted for a named class the image has no fact of: an invented finding. A value that is also
+        an object noun is supported by any fact about that object ("a polyp" beside a polyp count)."""
+        about = {self.catalog.classes[n].object for n in image} - {None}
+        implied = self._implied_by_rules(image)
+        for name, sts in reading.statements.items():
+            qc = self.catalog.classes.get(name)
+            if qc is None or name in image or not qc.check_unsupported:
+                continue
+            if qc.answer_type == AnswerType.yes_no and qc.object is None:
+                # "the image contains on-screen text" with no text fact on the image
+                st = next((st for st in sts if st.polarity == "asserted" and st.values == {"yes"}
+                           and "yes" not in implied.get(name, set())), None)
+                if st is not None:
+                    return f"{name}: the answer states 'yes' ({self._quote(reading, st)}) and no fact of the image " \
+                           f"says so"
+                continue
+            if qc.answer_type not in NAMED_VALUES:
+                continue
+            for st in sts:
+                if st.polarity != "asserted" or st.none or st.interval is not None or not st.values:
+                    continue
+                if st.values <= supported | implied.get(name, set()) or self._excused(st, name, image):
+                    continue
+                if not st.bound and any(c in image for c in st.candidates):
+                    continue
+                if self.reader.object_of_span(reading.text, st.span) in about:
+                    continue
+                return f"{name}: the answer states {sorted(st.values)} ({self._quote(reading, st)}) and no fact of " \
+                       f"the image has it"
+        return None
+
+    def _implied_by_rules(self, image: dict[str, PlanFact]) -> dict[str, set[str]]:
+        """Values the image's facts imply through the catalog's conflict rules: a rule "abnormality_presence
+        lacks ulcerative colitis conflicts with a colitis grade" says a grade implies the colitis, so an answer
+        naming it beside a grade fact invents nothing."""
+        out: dict[str, set[str]] = {}
+        for rule in self.catalog.conflicts.values():
+            when = self.catalog.classes[rule.when.question_class]
+            if rule.when.none_of is not None:
+                implied = set(rule.when.none_of)
+            elif rule.when.any_of is not None and when.answer_type == AnswerType.yes_no:
+                implied = set(when.values) - set(rule.when.any_of)  # "finding_presence is no" conflicts: yes
+            else:
+                continue
+            for cond in rule.conflicts_with:
+                fact = image.get(cond.question_class)
+                if fact is not None and cond.holds(fact.values):
+                    out.setdefault(when.name, set()).update(implied)
+        return out
 
     @staticmethod
-    def _check_values(qc: QuestionClass, rules: _Compiled, values: list[str], a: str,
-                      others: set[str], topics: list[_Topic]) -> str | None:
-        if values == ["none"]:
-            if not NEGATION.search(a):
-                return "the answer does not say none"
-        elif qc.answer_type == AnswerType.location and len(values) == len(qc.values) - 1 and WHOLE_FRAME.search(a):
-            pass
-        else:
-            for v in values:
-                if not rules.values[v].search(a):
-                    return f"{v!r} is not stated"
-        # Affirmative clauses, joined with a separator no value contains, searched once per value.
-        affirmative = " | ".join(c for c in clauses(a) if not NEGATION.search(c))
-        for v in values:  # a stated value's words are not another value ("short-segment barrett's" != "barrett's")
-            if v != "none":
-                affirmative = rules.values[v].sub(" ", affirmative)
-        for v in qc.values:
-            if v == "none" or v in values or v in others:
-                continue
-            for m in rules.values[v].finditer(affirmative):
-                # "all polyps have been removed" is about removal, not a polyp being present
-                if not any(t.owns(affirmative, m) for t in topics):
-                    return f"the answer also states {v!r}"
-        return None
+    def _quote(reading: Reading, st: Statement) -> str:
+        s, e = st.span
+        return repr(reading.text[max(0, s - 20):e + 20].strip())

@@ -313,6 +313,7 @@ class LLMRealizer:
         self.client = client
         self.checker = checker
         self.name = f"{client.transport.name}:{client.config.model}"
+        self.free_text = True
         self.compose = load_prompt("compose")
         self.verify = load_prompt("verify")
         self.naturalize = load_prompt("naturalize")
@@ -334,13 +335,15 @@ class LLMRealizer:
         return out
 
     def review(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
-        results: list[Realized | Rejected] = [r for _, r in pairs]
+        results: list[Realized | Rejected] = [self._natural(p, r) for p, r in pairs]
         if self.client.config.verify:
-            convs = [self.verify.render(facts=facts_json(p), question=r.question, answer=r.answer)
-                     for p, r in pairs]
-            verdicts = self.client.ask_structured("verify", [p.plan_id for p, _ in pairs], convs, self.verify,
-                                                  VerifyReply)
-            for i, ((plan, _), v) in enumerate(zip(pairs, verdicts)):
+            pending = [i for i, r in enumerate(results) if isinstance(r, Realized)]
+            convs = [self.verify.render(facts=facts_json(pairs[i][0]), question=results[i].question,
+                                        answer=results[i].answer) for i in pending]
+            verdicts = self.client.ask_structured("verify", [pairs[i][0].plan_id for i in pending], convs,
+                                                  self.verify, VerifyReply)
+            for i, v in zip(pending, verdicts):
+                plan = pairs[i][0]
                 if isinstance(v, Rejected):
                     results[i] = Rejected(plan.plan_id, f"judge_{v.reason}", v.detail, v.raw)
                 elif not v.consistent:
@@ -355,11 +358,21 @@ class LLMRealizer:
                 if isinstance(para, NaturalizeReply):
                     plan = pairs[i][0]
                     ok = tuple(dict.fromkeys(q.strip() for q in para.paraphrases[:n]
-                                             if self.checker.check_question(q, plan.facts) is None
+                                             if self.checker.check_question(q, plan.facts, llm=True) is None
                                              and q.strip() != results[i].question))
                     r = results[i]
                     results[i] = Realized(r.plan_id, r.question, r.answer, r.order, r.prompt_hash, ok)
         return results
+
+    def _natural(self, plan: PlanInput, res: Realized) -> Realized | Rejected:
+        """Naturalness, judged apart from grounding: a label-only answer ("no", "1") is right, and too terse for
+        a dataset of natural answers when it has fewer words than `min_answer_words`."""
+        floor = self.client.config.min_answer_words
+        words = len(res.answer.split())
+        if words < floor:
+            return Rejected(plan.plan_id, "answer_too_terse", f"{words} word(s), the floor is {floor}",
+                            json.dumps({"question": res.question, "answer": res.answer}))
+        return res
 
     @property
     def usage(self) -> dict:

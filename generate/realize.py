@@ -80,15 +80,24 @@ def make_llm_client(backend: str, llm: LLMConfig, seed: int, cache_dir: Path | N
     return LLMClient(transport, cache, llm, seed, UsageLedger(usage_file) if usage_file else None)
 
 
+def plan_fact(r) -> PlanFact:
+    """A facts-table row (itertuples) as the fact a backend and the grounding check read."""
+    return PlanFact(r.fact_id, r.question_class, r.answer_type, tuple(r.values), r.source_question, r.source_answer)
+
+
 def plan_inputs(plans: pd.DataFrame, facts: pd.DataFrame) -> list[PlanInput]:
     """Resolve each plan's fact ids into the facts a backend needs."""
-    by_id = {
-        r.fact_id: PlanFact(r.fact_id, r.question_class, r.answer_type, tuple(r.values), r.source_question,
-                            r.source_answer)
-        for r in facts.itertuples(index=False)
-    }
+    by_id = {r.fact_id: plan_fact(r) for r in facts.itertuples(index=False)}
     return [PlanInput(p.plan_id, p.source, p.img_id, int(p.complexity), tuple(by_id[f] for f in p.fact_ids))
             for p in plans.itertuples(index=False)]
+
+
+def image_facts(facts: pd.DataFrame) -> dict[tuple[str, str], list[PlanFact]]:
+    """(source, img_id) -> every fact of that image: what an answer may not contradict, whatever it is asked."""
+    out: dict[tuple[str, str], list[PlanFact]] = {}
+    for r in facts.itertuples(index=False):
+        out.setdefault((r.source, r.img_id), []).append(plan_fact(r))
+    return out
 
 
 def fact_boxes(facts: pd.DataFrame) -> dict[str, list[dict]]:
@@ -128,6 +137,7 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
     labels = dict(zip(zip(facts["source"], facts["img_id"]), facts["source_label"]))
     boxes = fact_boxes(facts)
     inputs = plan_inputs(plans, facts)
+    image = image_facts(facts)
     rows, rejected = [], []
 
     def reject(plan: PlanInput, res: Rejected) -> None:
@@ -138,7 +148,8 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
         grounded = []
         for plan, res in zip(batch, results):
             if isinstance(res, Realized):
-                violation = checker.check(res.question, res.answer, plan.facts)
+                violation = checker.check(res.question, res.answer, plan.facts, image[(plan.source, plan.img_id)],
+                                          llm=backend.free_text)
                 if violation is None:
                     grounded.append((plan, res))
                     continue

@@ -81,6 +81,7 @@ class TemplateRealizer:
     """Realises plans from the catalog's phrasings; no model, no network, fully deterministic."""
 
     name = "template"
+    free_text = False
 
     def __init__(self, catalog: Catalog, seed: int):
         self.catalog = catalog

@@ -135,6 +135,17 @@ class ConflictRule(BaseModel):
         return [self.when, *self.conflicts_with]
 
 
+class ObjectSpec(BaseModel):
+    """A thing question classes describe (polyp, instrument, landmark...): the nouns that name it, and the
+    objects it includes (a polyp is an abnormality). The grounding reader (`generate.reader`) reads "no
+    instruments" as every instrument class being none / zero, and binds a shared-vocabulary value ("red",
+    "center") to the class whose object is named nearest to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    nouns: list[str] = Field(min_length=1)
+    includes: list[str] = Field(default_factory=list)
+
+
 class QuestionClass(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -151,6 +162,18 @@ class QuestionClass(BaseModel):
     # The answer can change when the frame is cropped, rotated or shifted (the augmented track's geometric
     # base): where things are, how much of the frame they fill, how many are in it, overlays at its edges.
     frame_dependent: bool = False
+    # Grounding (generate/reader.py): the object the class describes; whether it says that object is there
+    # (presence, counts); the yes/no values that hold when the object is absent ("no polyps": removal yes or
+    # not relevant); words after a noun that make the noun this class's topic ("polyp *size*"); questions
+    # that show the class is asked when it is not in the plan (default: question_cues); whether a value
+    # named in an answer with no fact of this class on the image is an invented finding.
+    object: str | None = None
+    presence: bool = False
+    object_absent: list[str] = Field(default_factory=list)
+    topic_words: list[str] = Field(default_factory=list)
+    off_target_cues: list[list[str]] | None = None
+    implies: dict[str, dict[str, list[str]]] = Field(default_factory=dict)
+    check_unsupported: bool = True
 
     @model_validator(mode="after")
     def _check_templates(self) -> "QuestionClass":
@@ -231,6 +254,7 @@ class Catalog(BaseModel):
     classes: dict[str, QuestionClass]
     location_grid: dict[str, ValueSpec]
     conflicts: dict[str, ConflictRule] = Field(default_factory=dict)
+    objects: dict[str, ObjectSpec] = Field(default_factory=dict)
     digest: str = ""
 
     @model_validator(mode="before")
@@ -272,6 +296,26 @@ class Catalog(BaseModel):
                     else [v for v in listed if v not in qc.values]
                 if bad:
                     raise ValueError(f"conflict rule {rule.name!r}: {bad} not values of {qc.name}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_objects(self) -> "Catalog":
+        """Objects, their inclusions and the classes' implications name only what the catalog has."""
+        for name, obj in self.objects.items():
+            bad = [o for o in obj.includes if o not in self.objects]
+            if bad:
+                raise ValueError(f"object {name!r} includes unknown objects {bad}")
+        for qc in self.classes.values():
+            if qc.object is not None and qc.object not in self.objects:
+                raise ValueError(f"class {qc.name!r}: unknown object {qc.object!r}")
+            bad = [v for v in qc.object_absent if v not in qc.values]
+            for value, implied in qc.implies.items():
+                bad += [value] if value not in qc.values else []
+                for cls, values in implied.items():
+                    other = self.classes.get(cls)
+                    bad += [f"{cls}={v}" for v in values if other is None or v not in other.values]
+            if bad:
+                raise ValueError(f"class {qc.name!r}: object_absent / implies name unknown values {bad}")
         return self
 
     @cached_property

@@ -170,6 +170,9 @@ class LLMConfig(_Strict):
     send_seed: bool = True
     verify: bool = False  # an LLM judge on top of the rule-based grounding check
     naturalize_variants: int = Field(default=0, ge=0)  # extra paraphrases per accepted question
+    # Naturalness floor: an answer of fewer words is rejected (`answer_too_terse`) though it states the label
+    # ("no"); 0 keeps every grounded answer.
+    min_answer_words: int = Field(default=2, ge=0)
     extra_body: dict = Field(default_factory=dict)  # server-specific fields, e.g. chat_template_kwargs
     cache_dir: Path | None = None  # default: <output_root>/llm-cache, shared by all runs
     batch_dir: Path | None = None  # `batch`: where request JSONL files are written (default: run folder)

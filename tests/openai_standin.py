@@ -1,7 +1,8 @@
 """A loopback OpenAI-compatible chat server for tests and benchmarks (POST /v1/chat/completions).
 
 It answers deterministically from the facts in the prompt, like a competent model would: the compose
-prompt's facts are parsed back and realised with the project's template phrasings, the judge says
+prompt's facts are parsed back and realised with the project's template phrasings (never one that is an
+atomic source question verbatim: a model that naturalizes does not copy them), the judge says
 "consistent". Paraphrases are one of each kind dedup's paraphrase band sorts (`paraphrases`): a verbatim
 copy, a faithful rewording, a drifted question on the same topic, then one that covers no class. Faults are injected on request, by a
 `chooser(messages, attempt) -> fault | None` the test provides (`attempt` counts earlier requests with
@@ -37,19 +38,31 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.backends import PlanFact, PlanInput  # noqa: E402
-from generate.grounding import normalise  # noqa: E402
+from generate.grounding import cue_regex, normalise  # noqa: E402
 from generate.template import TemplateRealizer  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
 from sources.kvasir_vqa import parse_answer  # noqa: E402
 
-FLIP = {"yes": "no", "no": "yes", "not relevant": "yes"}
+# "not relevant" flips to "no" (polyps remain): "no polyps remain", a phrasing of "yes", is true of an image
+# with no polyp to remove too, so it would not contradict.
+FLIP = {"yes": "no", "no": "yes", "not relevant": "no"}
+
+
+def natural_phrasings(catalog):
+    """The catalog with each class's question phrasings less the atomic source questions (a class whose
+    phrasings are all atomic keeps them)."""
+    atomic = {q for qc in catalog.classes.values() for q in qc.source_questions}
+    out = catalog.model_copy(deep=True)
+    for qc in out.classes.values():
+        qc.questions = [q for q in qc.questions if q not in atomic] or qc.questions
+    return out
 
 
 class OpenAIStandIn:
     def __init__(self, latency_s: float = 0.0, hang_s: float = 2.0,
                  chooser: Callable[[list[dict], int], str | None] | None = None, kill_after: int | None = None):
         self.catalog = load_catalog()
-        self.realizer = TemplateRealizer(self.catalog, seed=7)
+        self.realizer = TemplateRealizer(natural_phrasings(self.catalog), seed=7)
         self.latency_s, self.hang_s = latency_s, hang_s
         self.chooser = chooser or (lambda messages, attempt: None)
         self.attempts: Counter = Counter()
@@ -205,14 +218,14 @@ class OpenAIStandIn:
         (dedup: an exact duplicate); the question behind a preamble (faithful); a question about the
         referral letter that keeps only the words carrying the question's class cues, so it passes the
         grounding check but asks something else (drifted); "What is shown?" (fails the grounding check)."""
-        q = normalise(question)
+        q = normalise(question).rstrip("?")
         words: list[str] = []
         for qc in self.catalog.classes.values():
-            hits = [next((c for c in group if c in q), None) for group in qc.question_cues]
+            hits = [next((m for c in group for m in [re.search(cue_regex(c) + r"[\w-]*", q)] if m), None)
+                    for group in qc.question_cues]
             if all(hits):
-                for cue in hits:
-                    word = cue if " " in cue else next(t for t in q.split() if cue in t)
-                    words += [word] if word not in words else []
+                for hit in hits:
+                    words += [hit.group(0)] if hit.group(0) not in words else []
         return [question.lower().rstrip("?"), f"In this endoscopy image, {question[0].lower()}{question[1:]}",
                 f"According to last year's referral letter, what was noted about {', '.join(words)}, and which "
                 "sedation did the patient receive?", "What is shown?"]
