@@ -41,7 +41,8 @@ TERSE_WORDS = {"not applicable": "not relevant", "n/a": "not relevant"}
 ECHO_MARKERS = re.compile(r"\bjson\b|[{}\[\]<>]|\bfacts?\b.*\batomic\b|\batomic question|\brewr[io]te|\bparaphras|"
                           r"\bthe following\b|^(?:question|answer|output|input|sure|certainly|okay|ok|here)\b|"
                           r"\bas an ai\b|\blanguage model\b|\bhere(?: is|'s)\b|\bcombine[ds]?\b.*\bquestion|"
-                          r"\bnatural question\b|\bi would (?:phrase|ask|write)\b|"
+                          r"\bnatural question\b|\bi would (?:phrase|ask|write)\b|\bfacts?\b|"
+                          r"\bdo you\b|\byou are\b|\bare you\b|\bthe user\b|\byour\b|"
                           r":\s*(?:is|are|what|which|how|where|does|do|has|have|can|was|were|in)\b")
 ECHO_MAX_CHARS = 300
 ANY_RE = re.compile(r"\bany\b")
@@ -64,6 +65,28 @@ def cue_regex(cue: str) -> str:
 class Violation:
     reason: str
     detail: str
+
+
+# An answer that talks about its task ("The answer is 0.", "no multiple answers") or is the label string
+# itself ("pink; white": the atomic answers' separator).
+ANSWER_ECHO = re.compile(r"\bthe answer is\b|\bmultiple (?:answers|choices)\b|\batomic\b|\bjson\b|\bfacts?\b|"
+                         r"[{}\[\]]|\bmasking\b|\bquestion\s*:")
+
+
+def answer_naturalness(answer: str, min_words: int, max_words: int) -> Violation | None:
+    """Is a grounded LLM answer a natural one? Judged apart from grounding: "no" states the label, and is still
+    too terse for a dataset of natural answers; 60 words of filler may state it too."""
+    words = len(answer.split())
+    if words < min_words:
+        return Violation("answer_too_terse", f"{words} word(s), the floor is {min_words}")
+    if max_words and words > max_words:
+        return Violation("answer_too_long", f"{words} words, at most {max_words}")
+    if ";" in answer:
+        return Violation("answer_copies_label", f"the label's separator ';' in {answer[:80]!r}")
+    echo = ANSWER_ECHO.search(normalise(answer))
+    if echo:
+        return Violation("answer_echoes_prompt", f"prompt wording {echo.group(0)!r}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -128,6 +151,8 @@ class GroundingChecker:
             echo = self._echo(question, q)
             if echo:
                 return Violation("question_echoes_prompt", echo)
+            if not question.strip().endswith("?"):
+                return Violation("question_not_a_question", f"no question mark: {question.strip()[:80]!r}")
         explained: list[tuple[int, int]] = []
         for fact in facts:
             spans = self._asked(fact, q)
@@ -242,7 +267,7 @@ class GroundingChecker:
         plan = {f.question_class for f in facts}
         for fact in facts:
             sts = reading.of(fact.question_class) + implied.get(fact.question_class, [])
-            if terse and len(facts) == 1:
+            if terse:  # "none" states every none fact of the plan, "no" every no; else the fact is missed
                 sts = sts + self._terse(fact, terse[0])
             problem = self._contradiction(fact, sts, image, reading)
             if problem:
@@ -277,7 +302,7 @@ class GroundingChecker:
         return out
 
     def _terse(self, fact: PlanFact, st: Statement) -> list[Statement]:
-        """A one-word answer as a statement of the plan's only fact: "no" for a yes/no or none fact, "2"."""
+        """A one-word answer as a statement of a plan fact: "no" for a yes/no or none fact, "2" for a count."""
         word = TERSE_WORDS.get(next(iter(st.values)), next(iter(st.values)))
         qc = self.catalog.classes[fact.question_class]
         if qc.answer_type == AnswerType.yes_no and word in qc.values:

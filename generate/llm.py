@@ -17,7 +17,7 @@ from typing import Callable, Protocol, Sequence
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from generate.backends import PlanInput, Realized, Rejected
-from generate.grounding import GroundingChecker
+from generate.grounding import GroundingChecker, answer_naturalness
 from generate.llm_cache import RequestCache, request_key
 from generate.prompts import PromptTemplate, load_prompt, messages_digest
 from kvqa.config import LLMConfig
@@ -365,12 +365,12 @@ class LLMRealizer:
         return results
 
     def _natural(self, plan: PlanInput, res: Realized) -> Realized | Rejected:
-        """Naturalness, judged apart from grounding: a label-only answer ("no", "1") is right, and too terse for
-        a dataset of natural answers when it has fewer words than `min_answer_words`."""
-        floor = self.client.config.min_answer_words
-        words = len(res.answer.split())
-        if words < floor:
-            return Rejected(plan.plan_id, "answer_too_terse", f"{words} word(s), the floor is {floor}",
+        """Naturalness, judged apart from grounding (`answer_naturalness`): a label-only answer ("no", "1") is
+        right, and not what a dataset of natural answers wants."""
+        cfg = self.client.config
+        violation = answer_naturalness(res.answer, cfg.min_answer_words, cfg.max_answer_words)
+        if violation:
+            return Rejected(plan.plan_id, violation.reason, violation.detail,
                             json.dumps({"question": res.question, "answer": res.answer}))
         return res
 

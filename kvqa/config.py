@@ -170,9 +170,11 @@ class LLMConfig(_Strict):
     send_seed: bool = True
     verify: bool = False  # an LLM judge on top of the rule-based grounding check
     naturalize_variants: int = Field(default=0, ge=0)  # extra paraphrases per accepted question
-    # Naturalness floor: an answer of fewer words is rejected (`answer_too_terse`) though it states the label
-    # ("no"); 0 keeps every grounded answer.
+    # Naturalness (generate.grounding.answer_naturalness), judged apart from grounding: an answer of fewer
+    # words is rejected (`answer_too_terse`) though it states the label ("no"); one of more words
+    # (`answer_too_long`: the compose prompt asks for at most 30); 0 turns either bound off.
     min_answer_words: int = Field(default=2, ge=0)
+    max_answer_words: int = Field(default=30, ge=0)
     extra_body: dict = Field(default_factory=dict)  # server-specific fields, e.g. chat_template_kwargs
     cache_dir: Path | None = None  # default: <output_root>/llm-cache, shared by all runs
     batch_dir: Path | None = None  # `batch`: where request JSONL files are written (default: run folder)

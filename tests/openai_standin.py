@@ -214,7 +214,7 @@ class OpenAIStandIn:
         return json.dumps({})
 
     def paraphrases(self, question: str) -> list[str]:
-        """[verbatim, faithful, drifted, no class]: the question in lower case without its question mark
+        """[verbatim, faithful, drifted, no class]: the question in lower case
         (dedup: an exact duplicate); the question behind a preamble (faithful); a question about the
         referral letter that keeps only the words carrying the question's class cues, so it passes the
         grounding check but asks something else (drifted); "What is shown?" (fails the grounding check)."""
@@ -226,7 +226,7 @@ class OpenAIStandIn:
             if all(hits):
                 for hit in hits:
                     words += [hit.group(0)] if hit.group(0) not in words else []
-        return [question.lower().rstrip("?"), f"In this endoscopy image, {question[0].lower()}{question[1:]}",
+        return [question.lower(), f"In this endoscopy image, {question[0].lower()}{question[1:]}",
                 f"According to last year's referral letter, what was noted about {', '.join(words)}, and which "
                 "sedation did the patient receive?", "What is shown?"]
 
