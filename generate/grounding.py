@@ -55,10 +55,20 @@ ECHO_NGRAM = 6
 
 def cue_regex(cue: str) -> str:
     """A question cue as a regex: a whole word (plural allowed), or with a trailing `*` a word start."""
+    return r"(?<![\w-])" + _cue_body(cue)
+
+
+def _cue_body(cue: str) -> str:
     c = normalise(cue)
     if c.endswith("*"):
-        return r"(?<![\w-])" + re.escape(c[:-1])
-    return r"(?<![\w-])" + re.escape(c) + r"(?:s|es)?(?!\w)"  # "box-like" asks about the box
+        return re.escape(c[:-1])
+    return re.escape(c) + r"(?:s|es)?(?!\w)"  # "box-like" asks about the box
+
+
+def cue_group_regex(group: Sequence[str]) -> re.Pattern:
+    """A group of alternative cues as one pattern (one word-start test per position: the check runs on every
+    generated row)."""
+    return re.compile(r"(?<![\w-])(?:" + "|".join(_cue_body(c) for c in group) + ")")
 
 
 @dataclass(frozen=True)
@@ -91,14 +101,25 @@ def answer_naturalness(answer: str, min_words: int, max_words: int) -> Violation
 
 @dataclass(frozen=True)
 class _Cues:
+    """A class's question cues compiled once: the groups that ask it, the groups that show it asked when the
+    plan lacks it, and (presence classes) its values, which ask about it too ("is there a polyp snare?")."""
+
     groups: tuple[re.Pattern, ...]
     off_target: tuple[re.Pattern, ...]
+    values: re.Pattern | None
+    prefilter: re.Pattern  # the off-target words or values, without word boundaries: most classes skip here
 
     @classmethod
-    def of(cls, qc: QuestionClass) -> "_Cues":
+    def of(cls, qc: QuestionClass, reader: Reader) -> "_Cues":
         def compile_groups(groups):
-            return tuple(re.compile("|".join(cue_regex(c) for c in g)) for g in groups)
-        return cls(compile_groups(qc.question_cues), compile_groups(qc.off_target_cues or qc.question_cues))
+            return tuple(cue_group_regex(g) for g in groups)
+        values = None
+        if qc.presence and qc.answer_type == AnswerType.multi_choice:
+            values = re.compile("|".join(reader.value_pattern(qc.name, v).pattern for v in qc.values if v != "none"))
+        off = qc.off_target_cues or qc.question_cues
+        literal = [re.escape(normalise(c).rstrip("*")) for c in off[0]]
+        literal += [values.pattern] if values is not None else []
+        return cls(compile_groups(qc.question_cues), compile_groups(off), values, re.compile("|".join(literal)))
 
 
 class GroundingChecker:
@@ -113,10 +134,12 @@ class GroundingChecker:
             prompt_texts = [t for name in LLM_PROMPTS for p in [load_prompt(name)] for t in (p.system, p.user)]
         self.catalog = catalog
         self.reader = Reader(catalog)
-        self.cues = {name: _Cues.of(qc) for name, qc in catalog.classes.items()}
+        self.cues = {name: _Cues.of(qc, self.reader) for name, qc in catalog.classes.items()}
         self._prompt_texts = tuple(prompt_texts)
         atomic = [q for qc in catalog.classes.values() for q in [*qc.source_questions, qc.atomic_question]]
-        self.atomic = {self._bare(q) for q in atomic}
+        # an atomic question, or its question before a form-filling tail ("Are there any abnormalities in the
+        # image?" of "...? Check all that are present.")
+        self.atomic = {self._bare(p) for q in atomic for p in [q, *re.split(r"(?<=\?)", q)] if p.strip()}
         # the form-filling tails of Kvasir-VQA's atomic questions ("Check all that are present."): a question
         # that carries one was copied, whatever it asks before
         self.atomic_instructions = {self._bare(p) for q in atomic for p in re.split(r"(?<=\?)", q)
@@ -164,7 +187,7 @@ class GroundingChecker:
         plan = {f.question_class for f in facts}
         parts = [m.span() for m in QUESTION_PART.finditer(q)]
         for name, cues in self.cues.items():
-            if name in plan:
+            if name in plan or not cues.prefilter.search(q):
                 continue
             asked = self._off_target(name, cues, q, parts, explained)
             if asked:
@@ -181,18 +204,13 @@ class GroundingChecker:
         def free(m: re.Match) -> bool:
             return not any(s < m.end() and m.start() < e for s, e in explained)
         first, *rest = cues.off_target
-        for lo, hi in parts:
-            hit = next((m for m in first.finditer(q, lo, hi) if free(m)), None)
-            if hit and all(g.search(q) for g in rest):
-                return q[lo:hi].strip()
-        qc = self.catalog.classes[name]
-        if qc.presence and qc.answer_type == AnswerType.multi_choice:
-            for v in qc.values:
-                if v == "none":
-                    continue
-                hit = next((m for m in self.reader.value_pattern(name, v).finditer(q) if free(m)), None)
-                if hit:
-                    return hit.group(0)
+        hit = next((m for m in first.finditer(q) if free(m)), None)
+        if hit and all(g.search(q) for g in rest):
+            return next(q[lo:hi].strip() for lo, hi in parts if lo <= hit.start() < hi)
+        if cues.values is not None:
+            hit = next((m for m in cues.values.finditer(q) if free(m)), None)
+            if hit:
+                return hit.group(0)
         return None
 
     def _object_spans(self, name: str, q: str) -> list[tuple[int, int]]:
@@ -229,8 +247,8 @@ class GroundingChecker:
             hits = [m.span() for m in self.count_nouns[qc.name].finditer(q)]
             if hits:
                 return hits
-        if qc.presence and qc.answer_type == AnswerType.multi_choice:
-            hits = [m.span() for v in qc.values if v != "none" for m in self.reader.value_pattern(qc.name, v).finditer(q)]
+        if self.cues[qc.name].values is not None:
+            hits = [m.span() for m in self.cues[qc.name].values.finditer(q)]
             if hits:
                 return hits
         return None
