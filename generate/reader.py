@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 
 from generate.template import NUMBER_WORDS
-from kvqa.catalog import AnswerType, Catalog, QuestionClass
+from kvqa.catalog import AnswerType, Catalog
 
 NAMED_VALUES = {AnswerType.single_choice, AnswerType.multi_choice, AnswerType.color, AnswerType.location}
 SPELLING = [("colour", "color"), ("centre", "center"), ("artefact", "artifact"), ("oesophag", "esophag"),
@@ -102,8 +102,6 @@ REGION_NOUNS = (r"(?:half|halves|part|parts|portion|portions|region|regions|area
 WHOLE_FRAME_RE = re.compile(r"\b(?:whole|entire|all (?:nine |9 )?(?:regions|areas|parts|cells|quadrants|sections)|"
                             r"throughout|every (?:region|area|part|cell)|everywhere|across all|all over|"
                             r"all parts|full (?:frame|image|field))\b")
-VAGUE_REGIONS_RE = re.compile(r"\b(?:multiple|several|various|many|numerous|different|diffuse(?:ly)?|"
-                              r"scattered|widespread)\b")
 # Direction words of a region summary: "the upper half", "central and lower regions".
 DIRECTIONS = {"upper": "row0", "top": "row0", "superior": "row0", "lower": "row2", "bottom": "row2",
               "inferior": "row2", "left": "col0", "right": "col2", "central": "mid", "center": "mid",

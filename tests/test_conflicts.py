@@ -105,9 +105,9 @@ def test_a_planted_conflicting_image_is_quarantined_with_its_rule(tmp_path, cata
                                "polyp_removal_status"}}
     assert parsed.rows_read == len(PLANTED) == units_in_facts(parsed.facts) + len(parsed.quarantine)
 
-    # Every plan of what is left realises to a grounded row. Without the rules, the Barrett's image's rows
-    # are caught only by the grounding check, and the zero-polyp image's are not caught at all ("there are
-    # no polyps and polyps remain present" states each label as given): both must be settled here.
+    # Every plan of what is left realises to a grounded row. Without the rules, both images' rows are
+    # caught only by the grounding check, which holds every answer to every fact of its image ("there are no
+    # polyps" contradicts the image's own "polyps remain"): rows lost late, which the rules settle here.
     every = PlanConfig(level_ratios={2: 1000.0, 3: 1000.0})
     plans = compose_plans(parsed.facts, every, seed=42)
     qa, rejected = realize_plans(plans, parsed.facts, TemplateRealizer(catalog, 42), GroundingChecker(catalog))
@@ -116,9 +116,7 @@ def test_a_planted_conflicting_image_is_quarantined_with_its_rule(tmp_path, cata
     plans = compose_plans(unchecked, every, seed=42)
     qa, rejected = realize_plans(plans, unchecked, TemplateRealizer(catalog, 42), GroundingChecker(catalog))
     image_of = dict(zip(plans.plan_id, plans.img_id))
-    assert {image_of[k] for k in rejected.key} == {"barrett1"}
-    assert qa[(qa.img_id == "zero1") & qa.answer.str.contains("no polyps", case=False)
-              & qa.answer.str.contains("polyps remain", case=False)].shape[0] > 0
+    assert {image_of[k] for k in rejected.key} == {"barrett1", "zero1"}
 
 
 def test_a_label_row_feeding_several_facts_is_quarantined_once(tmp_path, catalog):
