@@ -20,6 +20,9 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 | boxes | list[struct] | the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax; empty when none) |
 
 Every realised pair goes through the grounding check, then the backend's review (LLM judge, paraphrases).
+With `llm.second_opinion`, a pair the check rejects only as `answer_misses_fact` is asked again
+(`generate.second_opinion`): accepted, it goes on to review; its counts are the backend's
+`second_opinion_stats`.
 Rejected plans go to the quarantine table with their reason: plans = rows with an empty `paraphrase_of` +
 rejected, always; paraphrase rows are extra rows of an accepted plan. Whether a row is a paraphrase, and of
 which row, is read from `paraphrase_of` (dedup's paraphrase band compares each paraphrase with it), never
@@ -38,6 +41,7 @@ from tqdm.auto import tqdm
 
 from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Rejected
 from generate.grounding import GroundingChecker
+from generate.second_opinion import UNCERTAIN, SecondOpinionStats, enabled_client, recheck
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig, LLMConfig
@@ -144,8 +148,11 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
         rejected.append({"stage": STAGE, "source": plan.source, "key": plan.plan_id,
                          "reason": res.reason, "detail": res.detail, "raw": res.raw})
 
+    second = enabled_client(backend)  # the LLM second opinion on uncertain rows (`llm.second_opinion`)
+    if second is not None and not hasattr(backend, "second_opinion_stats"):
+        backend.second_opinion_stats = SecondOpinionStats()
     for batch, results in answered_batches(inputs, backend.realize, batch_size, f"realize ({backend.name})", "plan"):
-        grounded = []
+        grounded, uncertain = [], []
         for plan, res in zip(batch, results):
             if isinstance(res, Realized):
                 violation = checker.check(res.question, res.answer, plan.facts, image[(plan.source, plan.img_id)],
@@ -153,9 +160,21 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
                 if violation is None:
                     grounded.append((plan, res))
                     continue
+                if second is not None and violation.reason == UNCERTAIN:
+                    uncertain.append((plan, res, violation, image[(plan.source, plan.img_id)]))
+                    continue
                 res = Rejected(plan.plan_id, violation.reason, violation.detail,
                                json.dumps({"question": res.question, "answer": res.answer}))
             reject(plan, res)
+        if uncertain:
+            for (plan, _, _, _), res in zip(uncertain, recheck(second, checker, uncertain,
+                                                               backend.second_opinion_stats)):
+                if isinstance(res, Rejected):
+                    reject(plan, res)
+                else:
+                    grounded.append((plan, res))
+            position = {p.plan_id: i for i, p in enumerate(batch)}
+            grounded.sort(key=lambda pair: position[pair[0].plan_id])  # rows in plan order
         for (plan, _), res in zip(grounded, backend.review(grounded)):
             if isinstance(res, Rejected):
                 reject(plan, res)

@@ -169,6 +169,9 @@ class LLMConfig(_Strict):
     # on it). The cache key hashes the body, so the switch is in it.
     send_seed: bool = True
     verify: bool = False  # an LLM judge on top of the rule-based grounding check
+    # The rows the grounding check rejects as `answer_misses_fact` (the reader could not read a fact as stated)
+    # asked again: which value does the answer state (generate/second_opinion.py); accepted on agreement.
+    second_opinion: bool = False
     naturalize_variants: int = Field(default=0, ge=0)  # extra paraphrases per accepted question
     # Naturalness (generate.grounding.answer_naturalness), judged apart from grounding: an answer of fewer
     # words is rejected (`answer_too_terse`) though it states the label ("no"); one of more words

@@ -13,6 +13,10 @@ the same messages):
     missing    JSON without the `answer` field          refusal      message.refusal set, no content
     contradict an answer whose first fact is flipped     judge_no     the judge says inconsistent
     long       a reply that needs `long_reply_tokens`: cut in half (finish_reason=length) below that max_tokens
+    vague      a composed answer in words the catalog lacks ("It looks just as the record has it (ref kdpa).":
+               the reader reads no value; the ref names the facts, so the stand-in knows what it meant)
+    second_yes the second opinion states the facts' value of a `vague` answer (without it the second
+               opinion reads the answer with generate.reader: the value it finds, else "not_stated")
 
 `kill_after=N` makes the server die once N requests have arrived: requests in flight then get no reply
 and new connections are refused, as when a GPU server crashes half way.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import re
 import sys
@@ -39,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.backends import PlanFact, PlanInput  # noqa: E402
 from generate.grounding import cue_regex, normalise  # noqa: E402
+from generate.reader import Reader  # noqa: E402
 from generate.template import TemplateRealizer  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
 from sources.kvasir_vqa import parse_answer  # noqa: E402
@@ -69,6 +75,8 @@ class OpenAIStandIn:
         self.log: list[tuple[float, str, str | None]] = []  # (time, schema name, fault)
         self.bodies: list[dict] = []  # every request body received, in order
         self.long_reply_tokens = 400
+        self.reader = Reader(self.catalog)
+        self.vague: dict[str, list[PlanFact]] = {}  # ref of a `vague` answer -> the facts it was written from
         self.lock = threading.Lock()
         self.kill_after = kill_after  # dies (`kill`) when this many requests have arrived
         self.dead = False
@@ -192,6 +200,12 @@ class OpenAIStandIn:
                                     f.source_answer)
             res = self.realizer.realize_one(PlanInput("p", "s", "i", len(facts), tuple(facts)))
             reply = {"question": res.question, "answer": res.answer}
+            if fault == "vague":
+                digest = hashlib.sha256(json.dumps([[f.question_class, f.values] for f in facts]).encode()).hexdigest()
+                ref = "".join(chr(ord("a") + int(c, 16)) for c in digest[:6])  # letters: no number to read
+                with self.lock:
+                    self.vague[ref] = facts
+                reply["answer"] = f"It looks just as the record has it (ref {ref})."
             if fault == "missing":
                 reply.pop("answer")
             return json.dumps(reply)
@@ -205,6 +219,8 @@ class OpenAIStandIn:
             res = self.realizer.realize_one(PlanInput("p", "s", "i", len(facts), tuple(facts)))
             region = re.search(r'for example: "(.*)"', user).group(1)
             return json.dumps({} if fault == "missing" else {"explanation": f"{res.answer} {region}"})
+        if name == "second_opinion":
+            return json.dumps({"value": self._second_opinion(user, fault)})
         if name == "verify":
             return json.dumps({"consistent": fault != "judge_no", "reason": "checked against the facts"})
         if name == "naturalize":
@@ -212,6 +228,32 @@ class OpenAIStandIn:
             n = int(re.search(r"Write (\d+) different", user).group(1))
             return json.dumps({"paraphrases": self.paraphrases(question)[:n]})
         return json.dumps({})
+
+    def _second_opinion(self, user: str, fault: str | None):
+        """The value a `second_opinion` request's answer states for its class, in the reply's shape."""
+        answer = re.search(r"^Answer: (.*)$", user, re.M).group(1)
+        name = re.search(r"state for (\w+) \(the question", user).group(1)
+        qc = self.catalog.classes[name]
+        ref = re.search(r"\(ref ([a-p]+)\)", answer)
+        values: list[str] = []
+        if fault == "second_yes" and ref and ref.group(1) in self.vague:
+            values = [v for f in self.vague[ref.group(1)] if f.question_class == name for v in f.values]
+        elif fault != "second_yes":
+            for st in self.reader.read(answer).of(name):
+                if st.polarity != "asserted":
+                    continue
+                if qc.answer_type == "count" and st.interval and st.interval[0] == st.interval[1]:
+                    values = [str(int(st.interval[0]))]
+                elif st.none:
+                    values = ["none"]
+                else:
+                    values += [v for v in st.values if v not in values]
+        multi = qc.answer_type in ("multi_choice", "color", "location")
+        if not values:
+            return ["not_stated"] if multi else "not_stated"
+        if qc.answer_type == "count":
+            return int(values[0])
+        return values if multi else values[0]
 
     def paraphrases(self, question: str) -> list[str]:
         """[verbatim, faithful, drifted, no class]: the question in lower case
