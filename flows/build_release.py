@@ -94,18 +94,20 @@ def realize_pairs(cfg: Config, run_dir: Path) -> dict:
                                                            cfg.runner.chunks_per_worker))
             parts = map_on_dask(cfg.runner, "realize", realize_chunk, chunks, cfg.generate, catalog, cfg.seed)
             qa, rejected = in_plan_order(plans, parts)
-            usage, failed = {}, 0  # the template backend sends no requests
+            usage, failed, second = {}, 0, None  # the template backend sends no requests
         else:
             backend = make_backend(cfg.generate, catalog, cfg.seed, cache_dir=cfg.output_root / "llm-cache",
                                    batch_dir=run_dir / "batch", usage_file=run_dir / USAGE_FILE)
             qa, rejected = realize_plans(plans, facts, backend, GroundingChecker(catalog))
             usage = getattr(backend, "usage", {})
             failed = backend.client.failed_requests() if usage else 0
+            second = backend.second_opinion_stats
         reconcile_ids("plans", plans["plan_id"], qa.loc[qa["paraphrase_of"] == "", "qa_id"], rejected["key"])
         write_table(qa, run_dir / "stages/qa.parquet")
         write_table(rejected, run_dir / "stages/quarantine_generate.parquet")
         return ({"plans": len(plans), "qa": len(qa), "rejected": len(rejected), "by_reason": by_reason(rejected),
-                 "llm_usage": usage, "failed_requests": failed},
+                 "llm_usage": usage, "failed_requests": failed,
+                 **({"second_opinion": second.as_dict()} if second is not None else {})},
                 ["stages/qa.parquet", "stages/quarantine_generate.parquet"])
 
     return cached_stage(run_dir, "generate", key, build, redo=failed_requests_redo)

@@ -8,7 +8,10 @@ either a realised question/answer or a rejection with its reason. Everything els
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from generate.second_opinion import SecondOpinionStats
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class RealizerBackend(Protocol):
     # True when the backend writes its own text (an LLM): its questions must not be atomic questions copied
     # or an echo of its prompt (`GroundingChecker.check_question(llm=True)`).
     free_text: bool
+    # The LLM second opinion's counts (`generate.second_opinion`) when the backend asks one, else None.
+    second_opinion_stats: "SecondOpinionStats | None"
 
     def version_for(self, classes: Sequence[str]) -> str:
         """Prompt or template version recorded in the provenance of a row asking these classes."""

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from generate.backends import PlanInput, Realized, Rejected
 from generate.grounding import GroundingChecker, answer_naturalness
+from generate.second_opinion import SecondOpinionStats
 from generate.llm_cache import RequestCache, request_key
 from generate.prompts import PromptTemplate, load_prompt, messages_digest
 from kvqa.config import LLMConfig
@@ -314,6 +315,7 @@ class LLMRealizer:
         self.checker = checker
         self.name = f"{client.transport.name}:{client.config.model}"
         self.free_text = True
+        self.second_opinion_stats = SecondOpinionStats() if client.config.second_opinion else None
         self.compose = load_prompt("compose")
         self.verify = load_prompt("verify")
         self.naturalize = load_prompt("naturalize")

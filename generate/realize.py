@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from generate.backends import PlanFact, PlanInput, Realized, RealizerBackend, Rejected
 from generate.grounding import GroundingChecker
-from generate.second_opinion import UNCERTAIN, SecondOpinionStats, enabled_client, recheck
+from generate.second_opinion import UNCERTAIN, recheck
 from generate.template import TemplateRealizer
 from kvqa.catalog import Catalog
 from kvqa.config import GenerateConfig, LLMConfig
@@ -148,9 +148,7 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
         rejected.append({"stage": STAGE, "source": plan.source, "key": plan.plan_id,
                          "reason": res.reason, "detail": res.detail, "raw": res.raw})
 
-    second = enabled_client(backend)  # the LLM second opinion on uncertain rows (`llm.second_opinion`)
-    if second is not None and not hasattr(backend, "second_opinion_stats"):
-        backend.second_opinion_stats = SecondOpinionStats()
+    stats = backend.second_opinion_stats  # None unless an LLM backend has `llm.second_opinion` on
     for batch, results in answered_batches(inputs, backend.realize, batch_size, f"realize ({backend.name})", "plan"):
         grounded, uncertain = [], []
         for plan, res in zip(batch, results):
@@ -160,15 +158,14 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
                 if violation is None:
                     grounded.append((plan, res))
                     continue
-                if second is not None and violation.reason == UNCERTAIN:
+                if stats is not None and violation.reason == UNCERTAIN:
                     uncertain.append((plan, res, violation, image[(plan.source, plan.img_id)]))
                     continue
                 res = Rejected(plan.plan_id, violation.reason, violation.detail,
                                json.dumps({"question": res.question, "answer": res.answer}))
             reject(plan, res)
         if uncertain:
-            for (plan, _, _, _), res in zip(uncertain, recheck(second, checker, uncertain,
-                                                               backend.second_opinion_stats)):
+            for (plan, _, _, _), res in zip(uncertain, recheck(backend.client, checker, uncertain, stats)):
                 if isinstance(res, Rejected):
                     reject(plan, res)
                 else:

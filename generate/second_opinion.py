@@ -224,11 +224,3 @@ def recheck(client, checker, rows: Sequence[tuple[PlanInput, Realized, object, S
         out[n] = Rejected(plan.plan_id, UNCERTAIN, f"{violation.detail}; second opinion: {said}",
                           json.dumps(raw, ensure_ascii=False))
     return out  # type: ignore[return-value]
-
-
-def enabled_client(backend):
-    """The backend's LLM client when it writes free text and its config turns the second opinion on."""
-    client = getattr(backend, "client", None)
-    if getattr(backend, "free_text", False) and client is not None and getattr(client.config, "second_opinion", False):
-        return client
-    return None

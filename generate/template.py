@@ -82,6 +82,7 @@ class TemplateRealizer:
 
     name = "template"
     free_text = False
+    second_opinion_stats = None
 
     def __init__(self, catalog: Catalog, seed: int):
         self.catalog = catalog

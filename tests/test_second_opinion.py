@@ -125,7 +125,7 @@ def test_second_opinion_off_sends_none(small, catalog, tmp_path, monkeypatch):
     vague = vague_plans(backend, small)
     assert set(rejected.key) == set(vague) and set(rejected.reason) == {"answer_misses_fact"}
     assert not rejected.detail.str.contains("second opinion").any()
-    assert not hasattr(backend, "second_opinion_stats") and "second_opinion" not in backend.usage
+    assert backend.second_opinion_stats is None and "second_opinion" not in backend.usage
 
 
 def test_contradictions_are_never_asked(small, catalog, tmp_path, monkeypatch):
