@@ -46,6 +46,9 @@ ECHO_MARKERS = re.compile(r"\bjson\b|[{}\[\]<>]|\bfacts?\b.*\batomic\b|\batomic 
                           r":\s*(?:is|are|what|which|how|where|does|do|has|have|can|was|were|in)\b")
 ECHO_MAX_CHARS = 300
 ANY_RE = re.compile(r"\bany\b")
+# A part of a question that asks whether something is there.
+PRESENCE_ASKED = re.compile(r"\b(?:is|are|was|were) there\b|\bany\b|\b(?:does|do|did) (?:the|this) (?:image|frame|view|picture) "
+                            r"(?:show|contain|include)|\bvisible\b|\bpresent\b|\bseen\b")
 LLM_PROMPTS = ("compose", "naturalize", "verify", "explain")
 # The parts of a composed question ("What type of procedure is this, and have all polyps been removed?"): an
 # off-target class must be asked within one part, not pieced together from words of two.
@@ -184,6 +187,8 @@ class GroundingChecker:
                                                           f"(cues {self._cue_names(fact.question_class)})")
             explained += spans
             explained += self._object_spans(fact.question_class, q)
+            if self.cues[fact.question_class].values is not None:  # "is the instrument a polyp snare?"
+                explained += [m.span() for m in self.cues[fact.question_class].values.finditer(q)]
         plan = {f.question_class for f in facts}
         parts = [m.span() for m in QUESTION_PART.finditer(q)]
         for name, cues in self.cues.items():
@@ -207,10 +212,11 @@ class GroundingChecker:
         hit = next((m for m in first.finditer(q) if free(m)), None)
         if hit and all(g.search(q) for g in rest):
             return next(q[lo:hi].strip() for lo, hi in parts if lo <= hit.start() < hi)
-        if cues.values is not None:
-            hit = next((m for m in cues.values.finditer(q) if free(m)), None)
-            if hit:
-                return hit.group(0)
+        if cues.values is not None:  # "..., and is there a polyp snare?" (not "relative to the polyp")
+            for lo, hi in parts:
+                hit = next((m for m in cues.values.finditer(q, lo, hi) if free(m)), None)
+                if hit and PRESENCE_ASKED.search(q, lo, hi):
+                    return hit.group(0)
         return None
 
     def _object_spans(self, name: str, q: str) -> list[tuple[int, int]]:
@@ -436,8 +442,10 @@ class GroundingChecker:
                 continue
             if qc.answer_type == AnswerType.yes_no and qc.object is None:
                 # "the image contains on-screen text" with no text fact on the image
+                # (words another class of the image reads too, e.g. a class sharing the cue, are that class's)
+                shared = {st.span for other in image for st in reading.of(other)}
                 st = next((st for st in sts if st.polarity == "asserted" and st.values == {"yes"}
-                           and "yes" not in implied.get(name, set())), None)
+                           and "yes" not in implied.get(name, set()) and st.span not in shared), None)
                 if st is not None:
                     return f"{name}: the answer states 'yes' ({self._quote(reading, st)}) and no fact of the image " \
                            f"says so"
