@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 
 from generate.template import NUMBER_WORDS
@@ -174,6 +175,7 @@ class Reader:
         self.objects = {name: tuple(normalise(n) for n in obj.nouns) for name, obj in catalog.objects.items()}
         self.class_object = {n: qc.object for n, qc in self.classes.items() if qc.object}
         self._value_patterns: dict[tuple[str, str], re.Pattern] = {}
+        self._local = threading.local()  # the clause and sentence bounds of the text being read, per thread
         self.includes = {name: self._included(name) for name in catalog.objects}
         grid = [v for v in catalog.location_grid if v != "none"]
         self.grid = frozenset(grid)
@@ -182,6 +184,7 @@ class Reader:
         self._compile_things()
         self._compile_anchors()
         self._compile_topics()
+        self._compile_regions()
         self.polarity = {n: [(re.compile(c.pattern), c.affirmative) for c in qc.polarity_cues]
                          for n, qc in self.classes.items() if qc.answer_type == AnswerType.yes_no}
         self.phrases = {n: [(v, re.compile("|".join(p))) for v, p in qc.value_phrases.items()]
@@ -269,7 +272,7 @@ class Reader:
             if not obj:
                 continue
             nouns = set(self.objects[obj])
-            for inc in self.catalog.objects[obj].includes:
+            for inc in self.includes[obj]:
                 nouns |= set(self.objects[inc])
             # the values of presence classes about the same object name it too ("the z-line is pink")
             for other in self.classes.values():
@@ -296,6 +299,9 @@ class Reader:
                 for w in qc.topic_words:
                     by_word.setdefault(normalise(w), []).append(n)
         self.topic_words = [(re.compile(r"(?<![\w-])" + re.escape(w)), classes) for w, classes in by_word.items()]
+
+    def _compile_regions(self) -> None:
+        """Region lists: grid cells and direction words joined by commas / "and" / "or", before a region noun."""
         cell_forms = sorted((f for f, form in self.forms.items() if any(v in self.grid for _, v in form.meanings)),
                             key=len, reverse=True)
         dirs = "|".join(sorted(DIRECTIONS, key=len, reverse=True))
@@ -328,8 +334,8 @@ class Reader:
     def read(self, text: str) -> Reading:
         a = normalise(text)
         reading = Reading(a)
-        self._bounds = [m.start() for m in CLAUSE_RE.finditer(a)]
-        self._sentences = [m.start() for m in SENTENCE_RE.finditer(a)]
+        self._local.bounds = [m.start() for m in CLAUSE_RE.finditer(a)]
+        self._local.sentences = [m.start() for m in SENTENCE_RE.finditer(a)]
         taken: list[tuple[int, int]] = []
         self._read_counts(a, reading)
         self._read_phrases(a, reading, taken)
@@ -342,16 +348,16 @@ class Reader:
         return reading
 
     def _clause(self, a: str, s: int, e: int) -> tuple[int, int]:
-        i = bisect.bisect_right(self._bounds, s)
-        start = self._bounds[i - 1] if i else 0
-        j = bisect.bisect_left(self._bounds, e)
-        end = self._bounds[j] if j < len(self._bounds) else len(a)
+        i = bisect.bisect_right(self._local.bounds, s)
+        start = self._local.bounds[i - 1] if i else 0
+        j = bisect.bisect_left(self._local.bounds, e)
+        end = self._local.bounds[j] if j < len(self._local.bounds) else len(a)
         return start, end
 
     def _sentence(self, a: str, s: int) -> tuple[int, int]:
-        i = bisect.bisect_right(self._sentences, s)
-        start = self._sentences[i - 1] if i else 0
-        end = self._sentences[i] if i < len(self._sentences) else len(a)
+        i = bisect.bisect_right(self._local.sentences, s)
+        start = self._local.sentences[i - 1] if i else 0
+        end = self._local.sentences[i] if i < len(self._local.sentences) else len(a)
         return start, end
 
     def _list_start(self, a: str, cs: int, s: int, e: int, ce: int) -> int:
@@ -366,9 +372,9 @@ class Reader:
         # a list names its last item with "or"/"nor": this item is that one, or one before it
         if not (re.search(r"\b(?:or|nor)\b", glue) or re.match(r"\s*,?\s*(?:or|nor)\b", a[e:])):
             return cs
-        i = bisect.bisect_left(self._bounds, cs)
+        i = bisect.bisect_left(self._local.bounds, cs)
         while True:
-            prev = self._bounds[i - 1] if i > 0 else 0
+            prev = self._local.bounds[i - 1] if i > 0 else 0
             seg = a[prev:cs]
             if VERB_RE.search(seg) or len(seg.split()) > 5 or not self.thing_re.search(seg):
                 return cs
