@@ -419,12 +419,10 @@ class GroundingChecker:
             if any(st.none for st in asserted):
                 return None
         else:
-            covered = set()
+            covered = set()  # a location summary covers its cells (one away from every cell contradicted already)
             for st in asserted:
                 if st.interval is None and not st.none:
                     covered |= st.values
-            if qc.answer_type == AnswerType.location:
-                pass  # summaries cover their cells; contradictions (a summary away from every cell) came first
             lacking = sorted(set(fact.values) - covered, key=qc.sort_key)
             if not lacking:
                 return None
