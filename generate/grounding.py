@@ -111,18 +111,25 @@ class _Cues:
     off_target: tuple[re.Pattern, ...]
     values: re.Pattern | None
     prefilter: re.Pattern  # the off-target words or values, without word boundaries: most classes skip here
+    named: re.Pattern | None  # every value of a named class ("pink", "colonoscopy")
+    choice: re.Pattern | None  # two of them as a choice: "is the polyp pink or red?" asks the colour
 
     @classmethod
     def of(cls, qc: QuestionClass, reader: Reader) -> "_Cues":
         def compile_groups(groups):
             return tuple(cue_group_regex(g) for g in groups)
-        values = None
-        if qc.presence and qc.answer_type == AnswerType.multi_choice:
-            values = re.compile("|".join(reader.value_pattern(qc.name, v).pattern for v in qc.values if v != "none"))
+        values = named = choice = None
+        if qc.answer_type in NAMED_VALUES:
+            alternatives = "|".join(reader.value_pattern(qc.name, v).pattern for v in qc.values if v != "none")
+            named = re.compile(alternatives)
+            choice = re.compile(rf"(?:{alternatives})\s*,?\s+or\s+(?:(?:a|an|the)\s+)?(?:{alternatives})")
+            if qc.presence and qc.answer_type == AnswerType.multi_choice:
+                values = named
         off = qc.off_target_cues or qc.question_cues
         literal = [re.escape(normalise(c).rstrip("*")) for c in off[0]]
         literal += [values.pattern] if values is not None else []
-        return cls(compile_groups(qc.question_cues), compile_groups(off), values, re.compile("|".join(literal)))
+        return cls(compile_groups(qc.question_cues), compile_groups(off), values, re.compile("|".join(literal)),
+                   named, choice)
 
 
 class GroundingChecker:
@@ -187,12 +194,13 @@ class GroundingChecker:
                                                           f"(cues {self._cue_names(fact.question_class)})")
             explained += spans
             explained += self._object_spans(fact.question_class, q)
-            if self.cues[fact.question_class].values is not None:  # "is the instrument a polyp snare?"
-                explained += [m.span() for m in self.cues[fact.question_class].values.finditer(q)]
+            if self.cues[fact.question_class].named is not None:  # "is the instrument a polyp snare?"
+                explained += [m.span() for m in self.cues[fact.question_class].named.finditer(q)]
         plan = {f.question_class for f in facts}
         parts = [m.span() for m in QUESTION_PART.finditer(q)]
+        choices = " or " in q
         for name, cues in self.cues.items():
-            if name in plan or not cues.prefilter.search(q):
+            if name in plan or not (cues.prefilter.search(q) or (choices and cues.choice is not None)):
                 continue
             asked = self._off_target(name, cues, q, parts, explained)
             if asked:
@@ -212,6 +220,10 @@ class GroundingChecker:
         hit = next((m for m in first.finditer(q) if free(m)), None)
         if hit and all(g.search(q) for g in rest):
             return next(q[lo:hi].strip() for lo, hi in parts if lo <= hit.start() < hi)
+        if cues.choice is not None and " or " in q:
+            hit = next((m for m in cues.choice.finditer(q) if free(m)), None)
+            if hit:
+                return hit.group(0)
         if cues.values is not None:  # "..., and is there a polyp snare?" (not "relative to the polyp")
             for lo, hi in parts:
                 hit = next((m for m in cues.values.finditer(q, lo, hi) if free(m)), None)

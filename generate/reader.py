@@ -45,20 +45,26 @@ SPELLING = [("colour", "color"), ("centre", "center"), ("artefact", "artifact"),
 
 # --- the language rules (English; the vocabulary is catalog data) -------------------------------------
 NEGATION = (r"\bno\b|\bnot\b|\bnone\b|\bwithout\b|\babsent\b|\bneither\b|\bnor\b|\bnever\b|\bfree of\b|"
-            r"\black of\b|\black(?:s|ing)?\b|\bnegative for\b|n't\b|\bnothing\b|\bzero\b")
+            r"\black of\b|\black(?:s|ing)?\b|\bnegative for\b|n't\b|\bnothing\b|\bzero\b|\babsence of\b|"
+            r"\bdevoid of\b|\brather than\b|\binstead of\b")
 NEGATION_RE = re.compile(NEGATION)
 # Words after which a negation no longer covers what follows, and clause boundaries.
-SCOPE_BREAK_RE = re.compile(r"\b(?:but|however|although|though|yet|whereas|while|with|which|where|whose|"
-                            r"that|also|instead|rather)\b")
+SCOPE_BREAK_RE = re.compile(r"\b(?:but|however|although|though|whereas|while|with|which|where|whose|"
+                            r"that|also)\b")
 # A determiner's negation ("no polyps") covers its noun phrase only: "no residual polyps identified *during*
 # colonoscopy" does not deny the colonoscopy ("not captured during a gastroscopy" does), nor "no Paris type
 # *is given for* the lesion" the lesion ("no region of the frame holds an instrument" denies the instrument).
-DETERMINER_NEGATION_RE = re.compile(r"\b(?:no|none|without|free of|lack of|zero)\b")
+DETERMINER_NEGATION_RE = re.compile(r"\b(?:no|none|without|free of|lack of|zero|absence of|devoid of)\b")
 PRESUPPOSED_RE = re.compile(r"\b(?:is|are|was|were|been)\s+(?:\w+\s+)?(?:for|about|regarding)\b")
 PREPOSITION_BREAK_RE = re.compile(r"(?<![\w-])(?:during|via|after|following|throughout|using)(?![\w-])")
 EXCEPTION_RE = re.compile(r"\b(?:other than|except(?: for)?|besides|apart from|aside from|beyond|only|save for)\s+"
                           r"(?:(?:the|a|an|one|its)\s+)?$")
 LIST_GAP_RE = re.compile(r"\s*,\s*(?:(?:and|or|nor)\s+)?|\s+(?:and|or|nor|as well as|&)\s+|\s*/\s*")
+# "Apart from the tube, no instrument is visible": the denial that follows leaves the exception out.
+EXCEPTION_LEAD_RE = re.compile(r"^\s*(?:apart from|aside from|besides|except for|other than|save for)\b")
+# A sentence that says it is unsure hedges all it says: "consistent with haemorrhoids, but this is not certain".
+SENTENCE_HEDGE_RE = re.compile(r"\b(?:not certain|uncertain|cannot be (?:excluded|ruled out)|not sure|unsure|"
+                               r"not definite|not confirmed)\b")
 EXCEPTION_AFTER_RE = re.compile(r"\s*(?:(?:is|are|was|were)\s+)?(?:visible\s+|present\s+|seen\s+|remains?\s+)?"
                                 r"(?:other than|except|besides|apart from|aside from|save for)\b")
 CLAUSE_RE = re.compile(r"[,;:.!?()]|\band\b|\bbut\b|\bwhile\b|\bwhereas\b|\bwith\b|\balthough\b|\bhowever\b")
@@ -69,7 +75,7 @@ LINKING = (r"(?:is|are|was|were|be|been|being|has|have|had|do|does|did|can|could
 # ("the abnormality is not red" denies red, not the abnormality).
 PRESENT = (r"(?:visible|present|seen|identified|observed|detected|noted|found|evident|shown|apparent|visualized|"
            r"depicted|appreciated|in view|there|recorded|given|applicable)")
-POST_NEGATION_RE = re.compile(rf"\s*(?:{LINKING}\s+){{0,4}}(?:(?:not|n't)\s+(?:(?:clearly|currently|readily|"
+POST_NEGATION_RE = re.compile(rf"\s*:?\s*(?:{LINKING}\s+){{0,4}}(?:(?:not|n't)\s+(?:(?:clearly|currently|readily|"
                               rf"directly|definitely|really)\s+)?{PRESENT}\b|(?:not|n't)\s*(?:[,;.]|$)|absent\b|"
                               r"none\b|missing\b|lacking\b|excluded\b|ruled out\b|nowhere\b)")
 # Words of a list continuation: "no instruments, polyps, or landmarks" negates all three.
@@ -96,6 +102,7 @@ QUANTIFIERS = {"several": (2, math.inf), "multiple": (2, math.inf), "many": (2, 
                "a third": (3, math.inf), "third": (3, math.inf), "additional": (2, math.inf),
                "other": (2, math.inf), "more": (2, math.inf), "further": (2, math.inf), "both": (2, 2)}
 NUMBERS = {w: i for i, w in enumerate(NUMBER_WORDS)} | {"a single": 1, "single": 1, "only one": 1,
+                                                          "a solitary": 1, "solitary": 1,
                                                           "a lone": 1, "one single": 1, "no": 0, "a pair of": 2}
 REGION_NOUNS = (r"(?:half|halves|part|parts|portion|portions|region|regions|area|areas|side|sides|section|"
                 r"sections|quadrant|quadrants|aspect|aspects|zone|zones|third|thirds|field|fields|corner|"
@@ -166,6 +173,9 @@ class _Form:
     obj: str | None
 
 
+FOREIGN = "<foreign>"  # `Reader._bind`: the mention describes a thing no candidate class is about
+
+
 class Reader:
     """The catalog's vocabulary compiled into one reader; `read` is pure and thread-safe."""
 
@@ -175,6 +185,7 @@ class Reader:
         self.objects = {name: tuple(normalise(n) for n in obj.nouns) for name, obj in catalog.objects.items()}
         self.class_object = {n: qc.object for n, qc in self.classes.items() if qc.object}
         self._value_patterns: dict[tuple[str, str], re.Pattern] = {}
+        self._foreign: dict[tuple[str, ...], re.Pattern | None] = {}
         self._local = threading.local()  # the clause and sentence bounds of the text being read, per thread
         self.includes = {name: self._included(name) for name in catalog.objects}
         grid = [v for v in catalog.location_grid if v != "none"]
@@ -265,8 +276,20 @@ class Reader:
                                          rf"({nouns})(?:s|es)?\s*(?:count\s*)?(?::|=)\s*(\d+|{numbers})(?![\w-])")
 
     def _compile_anchors(self) -> None:
-        """Per class with a shared vocabulary, the nouns that bind a mention to it (its object's nouns)."""
+        """Per class with a shared vocabulary, the nouns that bind a mention to it (its object's nouns); per
+        object, the words that name it (its nouns and its presence class's values: "snare" is an instrument)."""
         self.anchor_re: dict[str, re.Pattern] = {}
+        self.object_anchor_re: dict[str, re.Pattern] = {}
+        # objects some named-value class describes (a colour, a place, a size): only those can be "another thing"
+        self.described = {qc.object for qc in self.classes.values() if qc.object and qc.answer_type in NAMED_VALUES}
+        for obj, nouns in self.objects.items():
+            words = set(nouns)
+            for other in self.classes.values():
+                if other.object == obj and other.answer_type == AnswerType.multi_choice and other.presence:
+                    words |= {normalise(f) for v, sp in other.values.items() if v != "none"
+                              for f in [v, *sp.synonyms, *([sp.display] if sp.display else [])]}
+            self.object_anchor_re[obj] = re.compile(r"(?<![\w-])(?:" + "|".join(
+                re.escape(re.sub(r"^(?:a|an|the) ", "", w)) for w in sorted(words, key=len, reverse=True)) + r")(?:s|es)?(?![\w-])")
         for name, qc in self.classes.items():
             obj = qc.object
             if not obj:
@@ -367,6 +390,19 @@ class Reader:
         item ("no box artefact, the Z-line is visible" and "no box artefact, findings consistent with
         oesophagitis" assert the Z-line and the findings)."""
         glue = a[cs:s]
+        tail = re.match(r"((?:\s+[\w-]+){0,2}?)\s*(?:[.;!?]|$)", a[e:])  # "... and of any box [artefact]."
+        if re.fullmatch(r"and\s+(?:of\s+)?(?:(?:the|a|an|any)\s+)?", glue) and tail and not VERB_RE.search(tail.group(1)):
+            # "free of instruments and of any box artefact", "free of both instruments and text"
+            i = bisect.bisect_left(self._local.bounds, cs)
+            prev = self._local.bounds[i - 1] if i > 0 else 0
+            seg = a[prev:cs]
+            neg = list(NEGATION_RE.finditer(seg))
+            # only a list the negation announces: "of any X", "both X and Y" ("no text and retroflex view"
+            # asserts the view)
+            announced = " of " in f" {glue}" or (neg and re.search(r"\b(?:both|either)\b", seg[neg[-1].end():]))
+            if neg and announced and not VERB_RE.search(seg, neg[-1].end()) and len(seg[neg[-1].start():].split()) <= 6:
+                return prev
+            return cs
         if cs == 0 or a[cs] != "," or re.sub(r"[,;:]|\b(?:or|and|nor|the|a|an|any)\b", " ", glue).strip():
             return cs
         # a list names its last item with "or"/"nor": this item is that one, or one before it
@@ -408,6 +444,11 @@ class Reader:
             negated = True
         if MODAL_RE.search(before) or MODAL_RE.search(a[e:ce]):
             return "hedged"
+        ss, se = self._sentence(a, s)
+        if SENTENCE_HEDGE_RE.search(a, ss, se):
+            return "hedged"
+        if negated and EXCEPTION_LEAD_RE.match(a[ss:se]):
+            return "hedged"  # "apart from the tube, no instrument": only the others are denied
         return "denied" if negated else "asserted"
 
     def _free(self, taken: list[tuple[int, int]], s: int, e: int) -> bool:
@@ -474,12 +515,25 @@ class Reader:
                    listable: bool = False) -> None:
         if chosen is None:
             chosen = self._bind(a, candidates, span)
+        if chosen == [FOREIGN]:
+            return  # about a thing none of the candidate classes describes
         pol = polarity or self.polarity_at(a, *span, listable=listable)
         if hedged_or and pol == "asserted":
             pol = "hedged"
         for c in (chosen or candidates):
             reading.add(Statement(c, frozenset(values), pol, span, summary=summary,
                                   bound=bool(chosen) or len(candidates) == 1, candidates=tuple(candidates)))
+
+    def _foreign_re(self, candidates: tuple[str, ...]) -> re.Pattern | None:
+        """The words naming things a named-value class describes but none of `candidates` is about (for colours:
+        instruments); cached per candidate set."""
+        if candidates not in self._foreign:
+            own = {self.classes[c].object for c in candidates} - {None}
+            own |= {o for x in own for o in self.includes[x]}
+            own |= {o for o in self.includes if self.includes[o] & own}  # a polyp is an abnormality
+            pats = [self.object_anchor_re[o].pattern for o in sorted(self.described - own)]
+            self._foreign[candidates] = re.compile("|".join(pats)) if pats else None
+        return self._foreign[candidates]
 
     def _bind(self, a: str, candidates: list[str], span: tuple[int, int], clause_only: bool = False) -> list[str]:
         """The candidate class whose object is named nearest to the mention: in its clause (either side), then
@@ -492,8 +546,19 @@ class Reader:
         cs, ce = self._clause(a, s, e)
         ss, se = self._sentence(a, s)
         ranges = [(cs, ce)] if clause_only else [(cs, ce), (ss, s), (e, se), (0, s), (e, len(a))]
-        for lo, hi in ranges:
+        for k, (lo, hi) in enumerate(ranges):
             best, best_d = [], None
+            if k == 0:  # "the snare is red": a colour of a thing no candidate class describes
+                foreign = self._foreign_re(tuple(candidates))
+                if foreign is not None:
+                    own = [o.span() for c in candidates if c in self.anchor_re for o in self.anchor_re[c].finditer(a, lo, hi)]
+                    for m in foreign.finditer(a, lo, hi):
+                        if (m.start() < e and s < m.end()) or any(os <= m.start() and m.end() <= oe for os, oe in own):
+                            continue  # the mention itself, or inside a candidate's noun ("abnormal *finding*")
+                        d = s - m.end() if m.end() <= s else m.start() - e
+                        best_d = d if best_d is None else min(best_d, d)
+                    if best_d is not None:
+                        best = [FOREIGN]
             for c in candidates:
                 pat = self.anchor_re.get(c)
                 if pat is None:
@@ -502,7 +567,7 @@ class Reader:
                     if m.start() < e and s < m.end():
                         continue
                     d = s - m.end() if m.end() <= s else m.start() - e
-                    if best_d is None or d < best_d:
+                    if best_d is None or d < best_d or (d == best_d and best == [FOREIGN]):
                         best, best_d = [c], d
                     elif d == best_d and c not in best:
                         best.append(c)
