@@ -124,8 +124,8 @@ def normalise(text: str) -> str:
     t = re.sub(r"\s*-\s*", "-", t)
     # The box artefact's name holds two colours that say nothing about the abnormality's colour; only the
     # box's name is joined, so "green and black abnormal tissue" keeps both colours.
-    t = re.sub(r"green\s*(?:/|or|and)\s*black(?=\s+(?:box|corner|artifact|overlay|square|marker))",
-               "green-black", t)
+    t = re.sub(r"(?:green\s*(?:/|or|and)\s*black|black\s*(?:/|or|and)\s*green)"
+               r"(?=\s+(?:box|corner|artifact|overlay|square|marker))", "green-black", t)
     t = re.sub(r"(\d)\s*(?:mm|millimeters?)\b", r"\1mm", t)
     return " ".join(t.split())
 
