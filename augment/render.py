@@ -206,11 +206,14 @@ def encode_jpeg(pixels: np.ndarray, mode: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int, input_boxes: list[dict]) -> str:
-    """The variant's record as canonical JSON (the `recipe` column), with the boxes it moved."""
-    return json.dumps({"versions": VERSIONS, "input_mode": decoded.input_mode, "output_mode": decoded.output_mode,
-                       "exif_orientation": decoded.orientation, "jpeg_quality": quality, "steps": applied,
-                       "input_boxes": input_boxes}, sort_keys=True, separators=(",", ":"))
+def make_recipe(applied: list[dict], decoded: DecodedImage, quality: int, input_boxes: list[dict],
+                render_code: str) -> str:
+    """The variant's record as canonical JSON (the `recipe` column), with the boxes it moved and the digest of
+    the code that rendered it (`augment.track.RENDER_CODE`)."""
+    return json.dumps({"versions": VERSIONS, "render_code": render_code, "input_mode": decoded.input_mode,
+                       "output_mode": decoded.output_mode, "exif_orientation": decoded.orientation,
+                       "jpeg_quality": quality, "steps": applied, "input_boxes": input_boxes},
+                      sort_keys=True, separators=(",", ":"))
 
 
 class ReplayMismatch(AssertionError):

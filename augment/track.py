@@ -76,6 +76,9 @@ AUGMENT_DTYPES = {**dict.fromkeys(AUGMENT_COLUMNS, "str"), "variant": "int32", "
 ROW_GROUP_ROWS = 16_384
 RECORDS_DIR = "augment/records"
 STAGE = "augment"
+# The code that decides a variant's pixels: a recorded variant is reused only when it was rendered by the same
+# bytes of these files (an edit elsewhere in augment redoes the stage, which then verifies and keeps them).
+RENDER_CODE = ("augment/render.py",)
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,12 @@ class RenderSettings:
     jpeg_quality: int
     run_dir: Path
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger inputs are quarantined (`too_large`), never decoded
+    render_code: str = ""  # digest of `RENDER_CODE` (`kvqa.stage.source_digest`), recorded in every recipe
 
     @property
     def digest(self) -> str:
-        return stable_hash(self.catalog.digest, self.seed, self.jpeg_quality, json.dumps(VERSIONS, sort_keys=True))[:16]
+        return stable_hash(self.catalog.digest, self.seed, self.jpeg_quality, json.dumps(VERSIONS, sort_keys=True),
+                           self.render_code)[:16]
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ def _reusable(prior: dict | None, planned: list[dict], input_sha: str, boxes: li
         return False
     recipe = json.loads(prior["recipe"])
     if (recipe["jpeg_quality"] != settings.jpeg_quality or recipe["versions"] != VERSIONS
+            or recipe.get("render_code") != settings.render_code
             or recipe.get("input_boxes") != boxes
             or _planned_steps(prior["recipe"]) != json.loads(json.dumps(planned))):
         return False
@@ -168,7 +174,7 @@ def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, 
                         "output_sha256": hashlib.sha256(jpeg).hexdigest(), "width": width, "height": height,
                         "mode": decoded.output_mode, "n_bytes": len(jpeg), "geometry": geometry,
                         "boxes": json.dumps(moved, separators=(",", ":")),
-                        "recipe": make_recipe(applied, decoded, settings.jpeg_quality, boxes)})
+                        "recipe": make_recipe(applied, decoded, settings.jpeg_quality, boxes, settings.render_code)})
     return records, rendered
 
 

@@ -89,7 +89,7 @@ def augment_figures(n: int, tmp: Path, cpw: int) -> dict:
     from distributed import Client, LocalCluster
     from prefect import flow
 
-    from flows.augment_track import map_prefect_tasks
+    from flows.steps import map_prefect_tasks
     from flows.dask_runner import environment_kept, local_cluster_kwargs, run_on_dask
 
     images, warm = bench_images(n), bench_images(4 * BATCH, "warm-")  # 4 task runs: every worker gets one

@@ -18,8 +18,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.build_release import build_release
-from flows.run_state import (class_additions, drop_snapshot, recorded_config, restore_run, run_lock, snapshot_run,
-                             write_class_additions)
+from flows.run_state import drop_snapshot, recorded_config, restore_run, run_lock, snapshot_run
+from generate.plans import class_additions, write_class_additions
 from kvqa.catalog import load_catalog
 from kvqa.config import load_config
 from kvqa.errors import BadInput

@@ -20,9 +20,9 @@ from flows.build_release import build_release
 from flows.run_state import drop_snapshot, recorded_config, restore_run, run_lock, snapshot_run
 from kvqa.config import load_config
 from kvqa.errors import BadInput
-from kvqa.tables import read_table, write_table
+from kvqa.tables import read_table
 from publish.release import release_row_digests
-from review import (VERDICTS_FILE, current_verdicts, load_verdicts, merge_verdicts, read_filled_sheet,
+from review import (current_verdicts, load_verdicts, merge_verdicts, read_filled_sheet, record_verdicts,
                     reviewable_rows, stratified_sample, write_review_sheet)
 
 log = logging.getLogger("kvqa")
@@ -90,7 +90,7 @@ def import_review(sheet: str, run: str, output_root: str | None = None) -> dict:
         before = release_row_digests(run_dir / "release")
         snap = snapshot_run(run_dir)
         try:
-            write_table(merged, run_dir / VERDICTS_FILE)
+            record_verdicts(run_dir, merged)
             report = build_release(str(config), str(run_dir.parent))
             after = release_row_digests(run_dir / "release")
         except BaseException:

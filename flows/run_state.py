@@ -1,9 +1,7 @@
-"""What a run folder remembers besides its tables: where its config is, and the classes added to it.
+"""What a run folder remembers besides its tables (where its config is), and who may write it.
 
 `run.json` records the config file a run was built from, so `kvqa add-class NAME --run RUN` needs no
-`--config`. `class_additions.json` lists the classes added with `kvqa add-class`, in order: the plans stage
-draws the base plans without them and each added class's plans on top, so a later `kvqa build` of the same
-run reproduces the same rows (and a fresh run folder, without the file, regenerates from scratch).
+`--config` (the classes added to a run are the plans stage's input: `generate.plans.class_additions`).
 `run_lock` makes each run folder single-writer.
 """
 
@@ -24,7 +22,6 @@ from kvqa.tables import remove_orphan_temps, write_json
 
 log = logging.getLogger("kvqa")
 RUN_FILE = "run.json"
-ADDITIONS_FILE = "class_additions.json"
 
 
 def record_run(run_dir: Path, config_path: Path) -> None:
@@ -34,18 +31,6 @@ def record_run(run_dir: Path, config_path: Path) -> None:
 def recorded_config(run_dir: Path) -> Path | None:
     path = Path(run_dir) / RUN_FILE
     return Path(json.loads(path.read_text())["config"]) if path.is_file() else None
-
-
-def class_additions(run_dir: Path) -> tuple[str, ...]:
-    path = Path(run_dir) / ADDITIONS_FILE
-    return tuple(json.loads(path.read_text())["classes"]) if path.is_file() else ()
-
-
-def write_class_additions(run_dir: Path, classes: tuple[str, ...]) -> None:
-    if classes:
-        write_json({"classes": list(classes)}, Path(run_dir) / ADDITIONS_FILE)
-    else:
-        (Path(run_dir) / ADDITIONS_FILE).unlink(missing_ok=True)
 
 
 class RunBusyError(BadInput):

@@ -17,15 +17,33 @@ Plans table (`stages/plans.parquet`):
 
 from __future__ import annotations
 
+import json
 from itertools import combinations
 from math import comb
+from pathlib import Path
 
 import pandas as pd
 
 from kvqa.config import PlanConfig
-from kvqa.tables import HashDraws, stable_hash
+from kvqa.tables import HashDraws, stable_hash, write_json
 
 PLAN_COLUMNS = ["plan_id", "source", "img_id", "complexity", "fact_ids"]
+# The classes added to a built run with `kvqa add-class`, in order: the plans stage draws the base plans
+# without them and each added class's plans on top, so a later build of the same run reproduces the same
+# rows (and a fresh run folder, without the file, regenerates from scratch).
+ADDITIONS_FILE = "class_additions.json"
+
+
+def class_additions(run_dir: Path) -> tuple[str, ...]:
+    path = Path(run_dir) / ADDITIONS_FILE
+    return tuple(json.loads(path.read_text())["classes"]) if path.is_file() else ()
+
+
+def write_class_additions(run_dir: Path, classes: tuple[str, ...]) -> None:
+    if classes:
+        write_json({"classes": list(classes)}, Path(run_dir) / ADDITIONS_FILE)
+    else:
+        (Path(run_dir) / ADDITIONS_FILE).unlink(missing_ok=True)
 
 
 def plan_id(source: str, img_id: str, classes: list[str]) -> str:

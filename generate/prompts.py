@@ -36,6 +36,11 @@ class PromptTemplate(BaseModel):
                 {"role": "user", "content": self.user.format(**fields).strip()}]
 
 
+def prompt_files(*names: str) -> tuple[str, ...]:
+    """The project-relative files of the named templates (what a stage that reads them declares)."""
+    return tuple(str((PROMPTS_DIR / f"{n}.yaml").relative_to(PROMPTS_DIR.parents[1])) for n in names)
+
+
 def load_prompt(name: str, folder: Path = PROMPTS_DIR) -> PromptTemplate:
     raw = (folder / f"{name}.yaml").read_bytes()
     data = yaml.safe_load(raw)

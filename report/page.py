@@ -32,7 +32,6 @@ FILES_DIR = "report_files"
 REPORT_INPUTS = ["stages/qa.parquet", "stages/qa_dedup.parquet", "stages/duplicates.parquet",
                  "stages/images.parquet", "stages/leakage.parquet", "stages/leakage_images.parquet",
                  "stages/augmentations.parquet", "quarantine.parquet"]
-CONTACT_SHEET = "augment/contact-sheet.png"
 EXAMPLES = 3
 CLOSEST_PAIRS = 6  # closest test / train image pairs shown with thumbnails
 THUMB_WIDTH = 200
@@ -312,14 +311,14 @@ def drawn_parameter_ranges(augmentations: pd.DataFrame) -> list[dict]:
             for name, s in steps.items()]
 
 
-def _augmented_section(run_dir: Path, augmentations: pd.DataFrame, files: _Files) -> str:
+def _augmented_section(run_dir: Path, augmentations: pd.DataFrame, contact_sheet: str | None, files: _Files) -> str:
     if not len(augmentations):
         return "<p>No augmented track was made for this release.</p>"
     out = [f"<p>{len(augmentations):,} variants of {augmentations[['source', 'img_id']].drop_duplicates().shape[0]:,} "
            "images. Each is the weak geometric base plus one named artifact.</p>"]
-    sheet = Path(run_dir) / CONTACT_SHEET
-    if sheet.is_file():
-        out.append(files.figure("contact-sheet.png", sheet.read_bytes(), "contact sheet of the augmented track"))
+    if contact_sheet is not None:
+        out.append(files.figure("contact-sheet.png", (Path(run_dir) / contact_sheet).read_bytes(),
+                                "contact sheet of the augmented track"))
     ranges = drawn_parameter_ranges(augmentations)
     out += ["<h3>Parameter ranges actually drawn</h3>",
             "<p>Over every recorded variant (the run's <code>augmentations</code> table): per step, how often it "
@@ -390,8 +389,9 @@ code{font-size:.85em}"""
 
 
 def write_quality_report(run_dir: Path, run_name: str, dedup: dict, leakage: dict, review_rates: list[dict],
-                         reference: Reference | None = None) -> tuple[dict, list[str]]:
-    """Write `report.html` and `report_files/` in `run_dir`; return (summary, written paths)."""
+                         contact_sheet: str | None = None, reference: Reference | None = None) -> tuple[dict, list[str]]:
+    """Write `report.html` and `report_files/` in `run_dir`; return (summary, written paths). `contact_sheet`:
+    the augment stage's sheet (run-relative), shown when there is one."""
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir / FILES_DIR, ignore_errors=True)
     files = _Files(run_dir)
@@ -408,7 +408,7 @@ def write_quality_report(run_dir: Path, run_name: str, dedup: dict, leakage: dic
         ("quarantine", "Quarantine", _quarantine_section(quarantine, files)),
         ("dedup", "Deduplication and leakage", _dedup_section(qa, duplicates, leaks, leak_images, images, dedup,
                                                              leakage, files)),
-        ("augmented", "Augmented track", _augmented_section(run_dir, augmentations, files)),
+        ("augmented", "Augmented track", _augmented_section(run_dir, augmentations, contact_sheet, files)),
         ("examples", "Examples per class", _examples_section(rows, images, files)),
         ("review", "Expert review", _review_section(review_rates, files)),
     ]

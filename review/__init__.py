@@ -11,8 +11,9 @@ once its row changes it is void, and the row is offered for review again.
 
 from review.export import SHEET_COLUMNS, reviewable_rows, stratified_sample, write_review_sheet
 from review.verdicts import (VERDICTS, VERDICTS_FILE, ReviewSheetError, current_verdicts, error_rates, expert_rejected,
-                             load_verdicts, merge_verdicts, read_filled_sheet, row_digests, wilson_interval)
+                             load_verdicts, merge_verdicts, read_filled_sheet, record_verdicts, row_digests,
+                             wilson_interval)
 
 __all__ = ["SHEET_COLUMNS", "VERDICTS", "VERDICTS_FILE", "ReviewSheetError", "current_verdicts", "error_rates",
-           "expert_rejected", "load_verdicts", "merge_verdicts", "read_filled_sheet", "reviewable_rows", "row_digests",
+           "expert_rejected", "load_verdicts", "merge_verdicts", "read_filled_sheet", "record_verdicts", "reviewable_rows", "row_digests",
            "stratified_sample", "wilson_interval", "write_review_sheet"]

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from kvqa.errors import BadInput
-from kvqa.tables import quarantine_frame, read_table
+from kvqa.tables import quarantine_frame, read_table, write_table
 
 VERDICTS = ("ok", "wrong", "unclear")
 VERDICTS_FILE = "review/verdicts.parquet"
@@ -49,6 +49,12 @@ def load_verdicts(run_dir: Path) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype="int64" if c == "line" else "object") for c in VERDICT_COLUMNS})
     recorded = read_table(path)
     return recorded if "row_digest" in recorded else recorded.assign(row_digest="")
+
+
+def record_verdicts(run_dir: Path, verdicts: pd.DataFrame) -> None:
+    """Record `verdicts` (every verdict the run has, `merge_verdicts`) as the run's input to the stages that
+    leave `wrong` rows out."""
+    write_table(verdicts, Path(run_dir) / VERDICTS_FILE)
 
 
 def row_digests(qa: pd.DataFrame, images: pd.DataFrame) -> dict[str, str]:

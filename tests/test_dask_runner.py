@@ -53,12 +53,15 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.build_release import realize_pairs
+from flows.steps import stage_runners
+from generate.stages import GENERATE
 from kvqa.config import load_config
+from kvqa.stage import StageRun, run_stage
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, force=True)  # prefect has configured the root logger
-    realize_pairs.fn(load_config(sys.argv[1]), Path(sys.argv[2]))  # the generate stage, as the flow runs it
+    cfg = load_config(sys.argv[1])
+    run_stage(GENERATE, StageRun(cfg, Path(sys.argv[2]), runners=stage_runners(cfg)))  # as the flow runs it
 """
 
 
@@ -107,14 +110,16 @@ import logging
 import sys
 from pathlib import Path
 
-from flows.build_release import deduplicate_pairs
+from dedup.stages import DEDUP
+from flows.steps import stage_runners
 from kvqa.config import load_config
+from kvqa.stage import StageRun, run_stage
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, force=True)  # prefect has configured the root logger
     cfg = load_config(sys.argv[1])
     cfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"cache_dir": Path(sys.argv[3])})})
-    deduplicate_pairs.fn(cfg, Path(sys.argv[2]))  # the dedup stage, as the flow runs it
+    run_stage(DEDUP, StageRun(cfg, Path(sys.argv[2]), runners=stage_runners(cfg)))  # as the flow runs it
 """
 
 

@@ -31,14 +31,14 @@ def _package(root: Path, name: str, source: str) -> Path:
 
 
 def test_stage_key_covers_every_package_the_stage_imports_and_not_the_flows(tmp_path, monkeypatch):
-    from flows import stage_cache
+    from kvqa import stage as stage_cache
 
     _package(tmp_path, "kvqa", "X = 1\n")
     helper = _package(tmp_path, "generate", "from kvqa.mod import X\n")
     _package(tmp_path, "dedup", "from generate.mod import X\n")
     flow = _package(tmp_path, "flows", "from dedup.mod import X\n")
     _package(tmp_path, "publish", "Y = 2\n")
-    monkeypatch.setattr(stage_cache, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(stage_cache, "CODE_ROOT", tmp_path)
 
     def version(*packages):
         stage_cache._imported_packages.cache_clear()
@@ -55,7 +55,7 @@ def test_stage_key_covers_every_package_the_stage_imports_and_not_the_flows(tmp_
 
 
 def test_real_stage_keys_follow_imports():
-    from flows.stage_cache import stage_packages
+    from kvqa.stage import stage_packages
 
     # dedup's calibration uses the template realizer: a template change must redo dedup.
     assert "generate" in stage_packages("dedup")
@@ -234,9 +234,10 @@ def test_release_reconciles_ids_so_compensating_errors_fail(capped_run, tmp_path
     (every QA row kept or quarantined exactly once) and stops naming both."""
     import shutil
 
-    import flows.build_release as build
-    from flows.input_stages import ReconciliationError
+    import publish.stages as build
     from kvqa.config import load_config
+    from kvqa.reconcile import ReconciliationError
+    from kvqa.stage import StageRun, run_stage
 
     run = tmp_path / "capped"
     shutil.copytree(capped_run, run)
@@ -253,4 +254,4 @@ def test_release_reconciles_ids_so_compensating_errors_fail(capped_run, tmp_path
 
     monkeypatch.setattr(build, "expert_rejected", lose_one_and_reject_a_kept_one)
     with pytest.raises(ReconciliationError, match="QA rows: .* missing .* 1 in two parts"):
-        build.write_hub_release.fn(cfg, run)
+        run_stage(build.RELEASE, StageRun(cfg, run))
