@@ -36,7 +36,7 @@ import pandas as pd
 from _common import base_csv, peak_rss_mib, print_json, print_table, scale_metadata
 
 from dedup import (EmbeddingCache, OnnxEncoder, SentenceTransformerEncoder, calibration_pairs, cross_split_leakage,
-                   deduplicate, evaluate_threshold, normalise_question, question_vectors)
+                   deduplicate, evaluate_threshold, question_vectors)
 from dedup.calibration import pair_similarities
 from dedup.embed import session_options
 from dedup.frames import nearest_cross_split_pairs
@@ -44,6 +44,7 @@ from generate import GroundingChecker, compose_plans, make_backend, realize_plan
 from kvqa.catalog import load_catalog
 from kvqa.config import DedupConfig, GenerateConfig, KvasirVQASource, PlanConfig
 from kvqa.tables import atomic_path
+from kvqa.text import normalise_text
 from sources import read_sources
 
 CANDIDATES = ("onnx", "onnx-o3", "onnx-int8", "openvino")
@@ -219,7 +220,7 @@ def main() -> None:
         facts = read_sources([KvasirVQASource(metadata_csv=tmp / "m.csv", image_dir=tmp)], catalog).facts
         qa, _ = realize_plans(compose_plans(facts, PlanConfig(), 42), facts,
                               make_backend(GenerateConfig(), catalog, 42), GroundingChecker(catalog))
-        distinct = sorted(set(normalise_question(q) for q in qa["question"]))
+        distinct = sorted(set(normalise_text(q, punctuation=False) for q in qa["question"]))
         pairs = calibration_pairs(catalog)
         onnx = OnnxEncoder(export_root=tmp / "models")
         t0 = time.perf_counter()

@@ -41,8 +41,9 @@ from _common import ROOT, SHARED, peak_rss_mib, print_json, print_table
 
 from generate.backends import PlanFact
 from generate.grounding import GroundingChecker, answer_naturalness
-from kvqa.catalog import AnswerType, Catalog, load_catalog, normalise_token
+from kvqa.catalog import AnswerType, Catalog, load_catalog
 from kvqa.config import LLMConfig
+from kvqa.text import normalise_text
 from sources.kvasir_vqa import AnswerError, parse_answer
 
 X1_ROWS = SHARED / "kvasir-vqa-x1" / "test-rows-sample.jsonl"
@@ -62,7 +63,7 @@ REAL_REPLIES = "smollm2_replies.json"
 def pair_fact(catalog: Catalog, img_id: str, question: str, answer: str) -> PlanFact:
     """One atomic (question, answer) as the Kvasir-VQA reader reads it; AnswerError(reason) when it cannot."""
     q = question.strip()
-    if normalise_token(q) in {normalise_token(e) for e in catalog.empty_questions}:
+    if normalise_text(q) in {normalise_text(e) for e in catalog.empty_questions}:
         raise AnswerError("empty_question", "question is empty or 'none'")
     if q in {d.strip() for d in catalog.dropped_questions}:
         raise AnswerError("dropped_question", "dropped from Kvasir-VQA-x1 (subjective)")

@@ -40,7 +40,7 @@ from augment.catalog import load_artifact_catalog  # noqa: E402
 from augment.frames import frame_plan  # noqa: E402
 from augment.track import RenderSettings, augment_images, run_in_processes  # noqa: E402
 from kvqa.fanout import task_count  # noqa: E402
-from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question  # noqa: E402
+from dedup import EmbeddingCache, embed_texts, encoder_for  # noqa: E402
 from dedup.embed import encode_blocks_on_worker, text_blocks  # noqa: E402
 from generate import GroundingChecker, compose_plans, make_backend, realize_plans  # noqa: E402
 from generate.llm import ComposeReply, LLMClient, facts_json  # noqa: E402
@@ -50,6 +50,7 @@ from generate.prompts import load_prompt  # noqa: E402
 from generate.realize import plan_inputs  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
 from kvqa.config import DedupConfig, GenerateConfig, KvasirVQASource, LLMConfig, PlanConfig, RunnerConfig  # noqa: E402
+from kvqa.text import normalise_text  # noqa: E402
 from sources import read_sources  # noqa: E402
 
 LATENCY_S = 1.0
@@ -126,7 +127,7 @@ def bench_texts(n: int, tmp: Path) -> list[str]:
     facts = read_sources([KvasirVQASource(metadata_csv=tmp / "embed.csv", image_dir=tmp)], catalog).facts
     qa, _ = realize_plans(compose_plans(facts, PlanConfig(), 42), facts, make_backend(GenerateConfig(), catalog, 42),
                           GroundingChecker(catalog))
-    distinct = sorted(set(normalise_question(q) for q in qa["question"]))
+    distinct = sorted(set(normalise_text(q, punctuation=False) for q in qa["question"]))
     assert len(distinct) >= n, f"only {len(distinct)} distinct questions"
     return distinct[:: len(distinct) // n][:n]  # spread over the sorted texts, not their first letters
 

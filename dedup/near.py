@@ -8,9 +8,9 @@ Scopes (config `dedup.scopes`):
   - a duplicate of the best-matching row kept before it when their normalised questions are equal
     (rule `exact`) or their cosine similarity is at least `paraphrase_max_similarity` (rule `near`): it
     adds nothing;
-  - else, for a paraphrase, drifted when its cosine similarity to its source row is below `threshold`
-    (rule `drifted`, `duplicate_of` = the source): it no longer asks what its source asks, yet carries its
-    answer; a paraphrase whose source row is not in the table cannot be checked and goes too (`orphan`);
+  - else, for a paraphrase, drifted when its cosine similarity to the row it paraphrases is below
+    `threshold` (rule `drifted`, `duplicate_of` = that row): it no longer asks what that row asks, yet
+    carries its answer; a paraphrase whose row is not in the table cannot be checked and goes too (`orphan`);
   - else kept. What is kept of the paraphrases is the band between the two bounds: faithful, and worded
     differently enough to add a phrasing.
 - `global`: how often phrasings recur across the rows the image scope kept: exact recurrence (the most
@@ -71,7 +71,7 @@ def image_scope_duplicates(qa: pd.DataFrame, texts: list[str], vectors: np.ndarr
     for i in order:
         groups[keys[i]].append(int(i))
     ids = qa["qa_id"].tolist()
-    sources = qa["paraphrase_of"].fillna("").tolist()
+    paraphrase_of = qa["paraphrase_of"].fillna("").tolist()
     position = {qa_id: i for i, qa_id in enumerate(ids)}
     out = []
     for members in groups.values():
@@ -87,14 +87,14 @@ def image_scope_duplicates(qa: pd.DataFrame, texts: list[str], vectors: np.ndarr
                 if sims[best] >= max_similarity:
                     out.append(_removal(ids[i], ids[kept[best]], sims[best], "near"))
                     continue
-            if sources[i]:
-                src = position.get(sources[i])
-                if src is None:
-                    out.append(_removal(ids[i], sources[i], float("nan"), "orphan"))
+            if paraphrase_of[i]:
+                of = position.get(paraphrase_of[i])
+                if of is None:
+                    out.append(_removal(ids[i], paraphrase_of[i], float("nan"), "orphan"))
                     continue
-                s_src = float(vectors[src] @ vectors[i])
-                if s_src < threshold:
-                    out.append(_removal(ids[i], sources[i], s_src, "drifted"))
+                s_of = float(vectors[of] @ vectors[i])
+                if s_of < threshold:
+                    out.append(_removal(ids[i], paraphrase_of[i], s_of, "drifted"))
                     continue
             kept.append(i)
     return out
@@ -217,9 +217,9 @@ def global_recurrence(qa: pd.DataFrame, texts: list[str], vectors: np.ndarray, g
         # A capped row's paraphrases would point at a row the release lacks: they go too, as in the image
         # scope (`orphan`, duplicate_of = the capped row they paraphrase).
         gone = {c["qa_id"] for c in capped}
-        orphans = [{"qa_id": q, "duplicate_of": source, "similarity": float("nan"), "scope": "global",
-                    "rule": "orphan"} for q, source in zip(ids, qa["paraphrase_of"].fillna(""))
-                   if source in gone and q not in gone]
+        orphans = [{"qa_id": q, "duplicate_of": of, "similarity": float("nan"), "scope": "global",
+                    "rule": "orphan"} for q, of in zip(ids, qa["paraphrase_of"].fillna(""))
+                   if of in gone and q not in gone]
         figures["orphaned_by_cap"] = len(orphans)
         capped += orphans
     return figures, capped

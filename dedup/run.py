@@ -8,14 +8,15 @@ import time
 import numpy as np
 import pandas as pd
 
-from dedup.embed import BlockRunner, EmbeddingCache, Encoder, embed_texts, normalise_question
+from dedup.embed import BlockRunner, EmbeddingCache, Encoder, embed_texts
 from dedup.near import DUPLICATE_COLUMNS, global_recurrence, image_scope_duplicates, is_paraphrase
 from kvqa.config import DedupConfig
+from kvqa.text import normalise_text
 
 
 def question_vectors(qa: pd.DataFrame, encoder: Encoder, cache: EmbeddingCache | None,
                      run_blocks: BlockRunner | None = None) -> tuple[list[str], np.ndarray]:
-    texts = [normalise_question(q) for q in qa["question"]]
+    texts = [normalise_text(q, punctuation=False) for q in qa["question"]]
     return texts, embed_texts(texts, encoder, cache, run_blocks)
 
 

@@ -72,6 +72,6 @@ class RealizerBackend(Protocol):
         """One result per plan, in the order given."""
         ...
 
-    def review(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
+    def judge_and_paraphrase(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
         """Steps after the grounding check (LLM judge, paraphrases); one result per pair, in order."""
         ...

@@ -30,10 +30,10 @@ from typing import Sequence
 
 from generate.backends import PlanFact
 from generate.prompts import load_prompt
-from generate.reader import NAMED_VALUES, NUMBERS, Reader, Reading, Statement, normalise
+from generate.reader import NAMED_VALUES, NUMBERS, Reader, Reading, Statement, reading_form
 from kvqa.catalog import AnswerType, Catalog, QuestionClass
 
-__all__ = ["GroundingChecker", "Violation", "normalise", "cue_regex"]
+__all__ = ["GroundingChecker", "Violation", "cue_regex", "reading_form"]
 
 TERSE_WORDS = {"not applicable": "not relevant", "n/a": "not relevant"}
 # What a reply that talks about its task instead of asking says: a preamble ("Sure! Here's the rewritten
@@ -62,7 +62,7 @@ def cue_regex(cue: str) -> str:
 
 
 def _cue_body(cue: str) -> str:
-    c = normalise(cue)
+    c = reading_form(cue)
     if c.endswith("*"):
         return re.escape(c[:-1])
     return re.escape(c) + r"(?:s|es)?(?!\w)"  # "box-like" asks about the box
@@ -96,7 +96,7 @@ def answer_naturalness(answer: str, min_words: int, max_words: int) -> Violation
         return Violation("answer_too_long", f"{words} words, at most {max_words}")
     if ";" in answer:
         return Violation("answer_copies_label", f"the label's separator ';' in {answer[:80]!r}")
-    echo = ANSWER_ECHO.search(normalise(answer))
+    echo = ANSWER_ECHO.search(reading_form(answer))
     if echo:
         return Violation("answer_echoes_prompt", f"prompt wording {echo.group(0)!r}")
     return None
@@ -126,7 +126,7 @@ class _Cues:
             if qc.presence and qc.answer_type == AnswerType.multi_choice:
                 values = named
         off = qc.off_target_cues or qc.question_cues
-        literal = [re.escape(normalise(c).rstrip("*")) for c in off[0]]
+        literal = [re.escape(reading_form(c).rstrip("*")) for c in off[0]]
         literal += [values.pattern] if values is not None else []
         return cls(compile_groups(qc.question_cues), compile_groups(off), values, re.compile("|".join(literal)),
                    named, choice)
@@ -154,27 +154,27 @@ class GroundingChecker:
         # that carries one was copied, whatever it asks before
         self.atomic_instructions = {self._bare(p) for q in atomic for p in re.split(r"(?<=\?)", q)
                                     if p.strip() and not p.strip().endswith("?")}
-        self.count_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(normalise(n)) for n in qc.noun)
+        self.count_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(reading_form(n)) for n in qc.noun)
                                              + r")(?:s|es)?(?![\w-])")
                             for name, qc in catalog.classes.items() if qc.answer_type == AnswerType.count}
-        self.object_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(normalise(n)) for n in obj.nouns)
+        self.object_nouns = {name: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(reading_form(n)) for n in obj.nouns)
                                               + r")(?:s|es)?(?![\w-])") for name, obj in catalog.objects.items()}
 
     @cached_property
     def prompt_ngrams(self) -> frozenset[tuple[str, ...]]:
         grams = set()
         for text in self._prompt_texts:
-            words = re.findall(r"[\w']+", normalise(re.sub(r"\{[^}]*\}", " ", text)))
+            words = re.findall(r"[\w']+", reading_form(re.sub(r"\{[^}]*\}", " ", text)))
             grams |= {tuple(words[i:i + ECHO_NGRAM]) for i in range(len(words) - ECHO_NGRAM + 1)}
         return frozenset(grams)
 
     @staticmethod
     def _bare(question: str) -> str:
-        return " ".join(re.findall(r"[\w'/<>-]+", normalise(question)))
+        return " ".join(re.findall(r"[\w'/<>-]+", reading_form(question)))
 
     # --- questions ------------------------------------------------------------------------------------
     def check_question(self, question: str, facts: Sequence[PlanFact], llm: bool = False) -> Violation | None:
-        q = normalise(question)
+        q = reading_form(question)
         if llm:
             bare = self._bare(question)
             copied = [p for p in re.split(r"(?<=\?)", question) if p.strip() and self._bare(p) in self.atomic]

@@ -308,7 +308,7 @@ def facts_json(plan: PlanInput) -> str:
 
 
 class LLMRealizer:
-    """Compose with an LLM; judge and paraphrase in `review` when the config asks for it."""
+    """Compose with an LLM; judge and paraphrase in `judge_and_paraphrase` when the config asks for it."""
 
     def __init__(self, client: LLMClient, checker: GroundingChecker):
         self.client = client
@@ -336,7 +336,7 @@ class LLMRealizer:
                                     tuple(range(len(plan.facts))), messages_digest(conv)[:16]))
         return out
 
-    def review(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
+    def judge_and_paraphrase(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
         results: list[Realized | Rejected] = [self._natural(p, r) for p, r in pairs]
         if self.client.config.verify:
             pending = [i for i, r in enumerate(results) if isinstance(r, Realized)]

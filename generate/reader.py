@@ -37,11 +37,9 @@ from dataclasses import dataclass, field
 
 from generate.template import NUMBER_WORDS
 from kvqa.catalog import AnswerType, Catalog
+from kvqa.text import normalise_text
 
 NAMED_VALUES = {AnswerType.single_choice, AnswerType.multi_choice, AnswerType.color, AnswerType.location}
-SPELLING = [("colour", "color"), ("centre", "center"), ("artefact", "artifact"), ("oesophag", "esophag"),
-            ("haemorrhoid", "hemorrhoid"), ("caecum", "cecum"), ("rigth", "right"), ("tumour", "tumor"),
-            ("visualis", "visualiz"), ("millimetre", "millimeter")]
 
 # --- the language rules (English; the vocabulary is catalog data) -------------------------------------
 NEGATION = (r"\bno\b|\bnot\b|\bnone\b|\bwithout\b|\babsent\b|\bneither\b|\bnor\b|\bnever\b|\bfree of\b|"
@@ -116,17 +114,25 @@ DIRECTIONS = {"upper": "row0", "top": "row0", "superior": "row0", "lower": "row2
               "middle": "mid", "centrally": "mid"}
 
 
-def normalise(text: str) -> str:
-    """Lower case, American spelling, plain quotes and dashes, "5 - 10 millimeters" -> "5-10mm"."""
-    t = text.lower().replace("\u2019", "'").replace("\u2013", "-").replace("\u2014", "-").replace("\u2018", "'")
-    for uk, us in SPELLING:
-        t = t.replace(uk, us)
-    t = re.sub(r"\s*-\s*", "-", t)
-    # The box artefact's name holds two colours that say nothing about the abnormality's colour; only the
-    # box's name is joined, so "green and black abnormal tissue" keeps both colours.
-    t = re.sub(r"(?:green\s*(?:/|or|and)\s*black|black\s*(?:/|or|and)\s*green)"
-               r"(?=\s+(?:box|corner|artifact|overlay|square|marker))", "green-black", t)
-    t = re.sub(r"(\d)\s*(?:mm|millimeters?)\b", r"\1mm", t)
+BOX_NAME_RE = re.compile(r"(?:green\s*(?:/|or|and)\s*black|black\s*(?:/|or|and)\s*green)"
+                         r"(?=\s+(?:box|corner|artifact|overlay|square|marker))")
+MILLIMETERS_RE = re.compile(r"(\d)\s*(?:mm|millimeters?)\b")
+
+
+def reading_form(text: str) -> str:
+    """The text as the reader reads it: `kvqa.text.normalise_text` (lower case, ASCII quotes and dashes,
+    American spelling, spaces collapsed), then the reader's own rewrites: dashes joined ("5 - 10" -> "5-10"),
+    the box artefact's name fused ("green and black box" -> "green-black box"), sizes' units fused
+    ("5 - 10 millimeters" -> "5-10mm").
+
+    The rewrites are not normalisation (not what makes two texts equal: dedup and the catalog compare
+    `normalise_text` without them) but decisions about how to read a text for its facts. Joined dashes and
+    fused units let one pattern read a range or a size however it is spaced; the box's name holds two
+    colours that say nothing about the abnormality's colour, so it becomes one word that names no colour
+    (only the box's name: "green and black abnormal tissue" keeps both colours)."""
+    t = re.sub(r"\s*-\s*", "-", normalise_text(text))
+    t = BOX_NAME_RE.sub("green-black", t)
+    t = MILLIMETERS_RE.sub(r"\1mm", t)
     return " ".join(t.split())
 
 
@@ -182,7 +188,7 @@ class Reader:
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
         self.classes = catalog.classes
-        self.objects = {name: tuple(normalise(n) for n in obj.nouns) for name, obj in catalog.objects.items()}
+        self.objects = {name: tuple(reading_form(n) for n in obj.nouns) for name, obj in catalog.objects.items()}
         self.class_object = {n: qc.object for n, qc in self.classes.items() if qc.object}
         self._value_patterns: dict[tuple[str, str], re.Pattern] = {}
         self._foreign: dict[tuple[str, ...], re.Pattern | None] = {}
@@ -227,7 +233,7 @@ class Reader:
                     continue
                 written = [value, *([spec.display] if spec.display else []), *spec.synonyms]
                 for w in written:
-                    f = normalise(w)
+                    f = reading_form(w)
                     variant = re.sub(r"^(?:a|an|the) ", "", f)  # "a polyp": the article is no part of the value
                     forms.setdefault(variant, [])
                     if (name, value) not in forms[variant]:
@@ -258,7 +264,7 @@ class Reader:
         self.count_nouns: dict[str, str] = {}
         for n in self.count_classes:
             for noun in self.classes[n].noun or []:
-                self.count_nouns[normalise(noun)] = n
+                self.count_nouns[reading_form(noun)] = n
         nouns = "|".join(re.escape(n) for n in sorted(self.count_nouns, key=len, reverse=True))
         numbers = "|".join(re.escape(w) for w in sorted(NUMBERS, key=len, reverse=True))
         quants = "|".join(re.escape(w) for w in sorted(QUANTIFIERS, key=len, reverse=True))
@@ -286,7 +292,7 @@ class Reader:
             words = set(nouns)
             for other in self.classes.values():
                 if other.object == obj and other.answer_type == AnswerType.multi_choice and other.presence:
-                    words |= {normalise(f) for v, sp in other.values.items() if v != "none"
+                    words |= {reading_form(f) for v, sp in other.values.items() if v != "none"
                               for f in [v, *sp.synonyms, *([sp.display] if sp.display else [])]}
             self.object_anchor_re[obj] = re.compile(r"(?<![\w-])(?:" + "|".join(
                 re.escape(re.sub(r"^(?:a|an|the) ", "", w)) for w in sorted(words, key=len, reverse=True)) + r")(?:s|es)?(?![\w-])")
@@ -300,7 +306,7 @@ class Reader:
             # the values of presence classes about the same object name it too ("the z-line is pink")
             for other in self.classes.values():
                 if other.object == obj and other.answer_type == AnswerType.multi_choice and other.presence:
-                    nouns |= {normalise(f) for v, s in other.values.items() if v != "none"
+                    nouns |= {reading_form(f) for v, s in other.values.items() if v != "none"
                               for f in [v, *s.synonyms, *([s.display] if s.display else [])]}
             self.anchor_re[name] = re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(n) for n in sorted(nouns, key=len, reverse=True))
                                               + r")(?:s|es)?(?![\w-])")
@@ -311,16 +317,16 @@ class Reader:
         # modifier ("no polyps of any size" denies polyps)
         between = (r"\s*(?:(?:is|are|was|were|be|been|being|has|have|had|to|not|yet|still|now|fully|completely|all|"
                    r"successfully|already|currently)\s+){0,4}")
-        self.topics = [(n, re.compile(between + r"\b(?:" + "|".join(re.escape(normalise(w)) for w in qc.topic_words) + ")"))
+        self.topics = [(n, re.compile(between + r"\b(?:" + "|".join(re.escape(reading_form(w)) for w in qc.topic_words) + ")"))
                        for n, qc in self.classes.items() if qc.topic_words]
-        self.topics_before = {n: re.compile(r"\b(?:" + "|".join(re.escape(normalise(w)) for w in qc.topic_words)
+        self.topics_before = {n: re.compile(r"\b(?:" + "|".join(re.escape(reading_form(w)) for w in qc.topic_words)
                                             + r")\w*\s+(?:[\w-]+\s+)?$") for n, qc in self.classes.items() if qc.topic_words}
         by_word: dict[str, list[str]] = {}
         for n, qc in self.classes.items():
             # a location word alone says nothing of a class ("no region is marked" is about the boxes shown)
             if "none" in qc.values and qc.answer_type != AnswerType.location:
                 for w in qc.topic_words:
-                    by_word.setdefault(normalise(w), []).append(n)
+                    by_word.setdefault(reading_form(w), []).append(n)
         self.topic_words = [(re.compile(r"(?<![\w-])" + re.escape(w)), classes) for w, classes in by_word.items()]
 
     def _compile_regions(self) -> None:
@@ -355,7 +361,7 @@ class Reader:
 
     # --- reading ----------------------------------------------------------------------------------------
     def read(self, text: str) -> Reading:
-        a = normalise(text)
+        a = reading_form(text)
         reading = Reading(a)
         self._local.bounds = [m.start() for m in CLAUSE_RE.finditer(a)]
         self._local.sentences = [m.start() for m in SENTENCE_RE.finditer(a)]

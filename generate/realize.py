@@ -19,9 +19,10 @@ QA table (`stages/qa.parquet`), the release's columns plus provenance:
 | prompt_hash | str | hash of the rendered prompt of this row (LLM backends; empty for templates) |
 | boxes | list[struct] | the boxes behind the row's box facts (label, xmin, ymin, xmax, ymax; empty when none) |
 
-Every realised pair goes through the grounding check, then the backend's review (LLM judge, paraphrases).
+Every realised pair goes through the grounding check, then the backend's `judge_and_paraphrase` (LLM judge,
+paraphrases; nothing for templates).
 With `llm.second_opinion`, a pair the check rejects only as `answer_misses_fact` is asked again
-(`generate.second_opinion`): accepted, it goes on to review; its counts are the backend's
+(`generate.second_opinion`): accepted, it goes on to the judge and paraphrases; its counts are the backend's
 `second_opinion_stats`.
 Rejected plans go to the quarantine table with their reason: plans = rows with an empty `paraphrase_of` +
 rejected, always; paraphrase rows are extra rows of an accepted plan. Whether a row is a paraphrase, and of
@@ -137,7 +138,7 @@ def answered_batches(items: list, answer: Callable[[list], list], batch_size: in
 
 def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBackend, checker: GroundingChecker,
                   batch_size: int = 2048) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Realise, ground-check and review all plans in batches; return (qa rows, quarantined plans)."""
+    """Realise, ground-check, judge and paraphrase all plans in batches; return (qa rows, quarantined plans)."""
     labels = dict(zip(zip(facts["source"], facts["img_id"]), facts["source_label"]))
     boxes = fact_boxes(facts)
     inputs = plan_inputs(plans, facts)
@@ -172,7 +173,7 @@ def realize_plans(plans: pd.DataFrame, facts: pd.DataFrame, backend: RealizerBac
                     grounded.append((plan, res))
             position = {p.plan_id: i for i, p in enumerate(batch)}
             grounded.sort(key=lambda pair: position[pair[0].plan_id])  # rows in plan order
-        for (plan, _), res in zip(grounded, backend.review(grounded)):
+        for (plan, _), res in zip(grounded, backend.judge_and_paraphrase(grounded)):
             if isinstance(res, Rejected):
                 reject(plan, res)
                 continue

@@ -10,9 +10,9 @@ class's vocabulary as the reply schema's enum, or `not_stated`), through the rea
 cache, repair turns, re-asks, usage ledger under the stage `second_opinion`).
 
 The row is accepted only when, for every missed fact, the value read equals the fact's values exactly (a
-multi-valued fact: the same set); it then goes on to the backend's review like any grounded row, and the QA
-table is unchanged. Otherwise it stays rejected with `answer_misses_fact`, its detail naming what the
-second opinion read ("...; second opinion: polyp_count: not_stated") and its raw reply the verdicts.
+multi-valued fact: the same set); it then goes on to the backend's `judge_and_paraphrase` like any grounded
+row, and the QA table is unchanged. Otherwise it stays rejected with `answer_misses_fact`, its detail naming
+what the second opinion read ("...; second opinion: polyp_count: not_stated") and its raw reply the verdicts.
 Counted in `SecondOpinionStats` (asked = accepted + kept_rejected, in rows).
 """
 

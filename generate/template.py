@@ -95,7 +95,7 @@ class TemplateRealizer:
     def realize(self, plans: Sequence[PlanInput]) -> list[Realized | Rejected]:
         return [self.realize_one(p) for p in plans]
 
-    def review(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
+    def judge_and_paraphrase(self, pairs: Sequence[tuple[PlanInput, Realized]]) -> list[Realized | Rejected]:
         return [r for _, r in pairs]  # templates need no judge: they are grounded by construction
 
     def realize_one(self, plan: PlanInput) -> Realized | Rejected:

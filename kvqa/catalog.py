@@ -15,6 +15,8 @@ from typing import Annotated, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kvqa.text import normalise_text
+
 DEFAULT_CATALOG_PATH = Path(__file__).resolve().parent.parent / "prompts" / "question_classes.yaml"
 
 
@@ -233,7 +235,7 @@ class QuestionClass(BaseModel):
         table: dict[str, str] = {}
         for canonical, spec in self.values.items():
             for form in (canonical, *spec.synonyms):
-                table[normalise_token(form)] = canonical
+                table[normalise_text(form)] = canonical
         return table
 
     def display(self, value: str) -> str:
@@ -331,10 +333,6 @@ class Catalog(BaseModel):
     def template_version(self) -> str:
         """What goes into every row's provenance: catalog version plus a hash of its exact text."""
         return f"catalog-v{self.version}+{self.digest[:12]}"
-
-
-def normalise_token(text: str) -> str:
-    return " ".join(text.strip().lower().split())
 
 
 # libyaml's safe loader when PyYAML has it: the same data, 9x faster on the catalog (a command loads it

@@ -4,6 +4,13 @@ The real file's quirks are handled here, not downstream: the misspelt "instrumne
 joined by `"; "` or `";"` in any order, typos such as `lower-rigth` and `>20` (mapped by the catalog's
 synonyms), the `none` rows with an empty answer, the subjective "Is this finding easy to detect?" that the
 release dropped, and images whose polyps were labelled on several rows (merged into one fact).
+
+"Source" means a configured label source in this project (`sources:` in the config, the `source` column of
+every table). The file's own `source` column is something else: the image's category (Polyps, Esophagitis,
+Instrument, Normal, Ulcerative Colitis in the real file). Its header stays as the file has it
+(`REQUIRED_HEADER`); in the code it is the row's `category`, and a fact stores it as `source_label` (the
+source's own label for the image). Answers, synonyms and empty questions are compared in one form,
+`kvqa.text.normalise_text`.
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvqa.catalog import MULTI_VALUED, AnswerType, Catalog, QuestionClass, normalise_token
+from kvqa.catalog import MULTI_VALUED, AnswerType, Catalog, QuestionClass
 from kvqa.config import KvasirVQASource
 from kvqa.tables import stable_hash
+from kvqa.text import normalise_text
 from sources.common import ParsedSource, Quarantine, bad_id, csv_rows, order_facts
 
 REQUIRED_HEADER = ("source", "question", "answer", "img_id")
@@ -33,7 +41,7 @@ class AnswerError(ValueError):
 @dataclass
 class _Candidate:
     line: int
-    label: str
+    category: str  # the file's `source` column
     question: str
     answer: str
     values: tuple[str, ...]
@@ -42,7 +50,7 @@ class _Candidate:
 
 def parse_answer(qc: QuestionClass, answer: str, separator: str = ";") -> tuple[str, ...]:
     """Canonical values of one atomic answer, in vocabulary order; raises AnswerError with a reason."""
-    parts = [normalise_token(p) for p in answer.split(separator)]
+    parts = [normalise_text(p) for p in answer.split(separator)]
     parts = [p for p in parts if p]
     if not parts:
         raise AnswerError("empty_answer", "the answer is empty")
@@ -83,9 +91,9 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
     path = Path(src.metadata_csv)
     quarantine = Quarantine(src.name)
     candidates: dict[tuple[str, str], list[_Candidate]] = defaultdict(list)
-    labels_by_image: dict[str, Counter] = defaultdict(Counter)
+    categories_by_image: dict[str, Counter] = defaultdict(Counter)
     dropped = {q.strip() for q in catalog.dropped_questions}
-    empty = {normalise_token(q) for q in catalog.empty_questions}
+    empty = {normalise_text(q) for q in catalog.empty_questions}
 
     def reject(line: int, reason: str, detail: str, raw: object) -> None:
         quarantine.reject(f"line {line}", reason, detail, raw)
@@ -97,7 +105,7 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
         img_id, question, answer = rec["img_id"].strip(), rec["question"].strip(), rec["answer"]
         if why := bad_id(img_id):
             reject(line, "bad_id", why, rec)
-        elif normalise_token(question) in empty:
+        elif normalise_text(question) in empty:
             reject(line, "empty_question", "question is empty or 'none' (no atomic pair)", rec)
         elif question in dropped:
             reject(line, "dropped_question", "dropped from Kvasir-VQA-x1 (subjective)", rec)
@@ -110,18 +118,19 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
             except AnswerError as err:
                 reject(line, err.reason, str(err), rec)
                 continue
-            label = rec["source"].strip()
-            candidates[(img_id, qc.name)].append(_Candidate(line, label, question, answer, values, rec))
-            labels_by_image[img_id][label] += 1
+            category = rec["source"].strip()  # the file's `source` column is the image's category
+            candidates[(img_id, qc.name)].append(_Candidate(line, category, question, answer, values, rec))
+            categories_by_image[img_id][category] += 1
 
     facts: list[dict] = []
     for (img_id, cls), cands in candidates.items():
         qc = catalog.classes[cls]
-        # An image has one category; rows that name another contradict the image's majority label.
-        label = min(labels_by_image[img_id].items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        for c in [c for c in cands if c.label != label]:
-            reject(c.line, "conflicting_source", f"row says {c.label!r}, image is {label!r}", c.raw)
-        cands = [c for c in cands if c.label == label]
+        # An image has one category; rows that name another contradict the image's majority category.
+        category = min(categories_by_image[img_id].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        for c in [c for c in cands if c.category != category]:
+            reject(c.line, "conflicting_source", f"row's category is {c.category!r}, the image's is {category!r}",
+                   c.raw)
+        cands = [c for c in cands if c.category == category]
         if not cands:
             continue
         values, why = _merge(qc, cands)
@@ -132,7 +141,7 @@ def parse_kvasir_vqa_metadata(src: KvasirVQASource, catalog: Catalog) -> ParsedS
         answer = cands[0].answer.strip() if len(cands) == 1 else "; ".join(values)
         facts.append({
             "fact_id": stable_hash(src.name, img_id, cls)[:16], "source": src.name, "img_id": img_id,
-            "source_label": label, "question_class": cls, "answer_type": str(qc.answer_type),
+            "source_label": category, "question_class": cls, "answer_type": str(qc.answer_type),
             "values": list(values), "source_question": cands[0].question, "source_answer": answer,
             "source_file": path.name, "source_rows": [c.line for c in cands], "boxes": [], "box_label": "",
         })

@@ -43,8 +43,8 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.backends import PlanFact, PlanInput  # noqa: E402
-from generate.grounding import cue_regex, normalise  # noqa: E402
-from generate.reader import Reader  # noqa: E402
+from generate.grounding import cue_regex  # noqa: E402
+from generate.reader import Reader, reading_form  # noqa: E402
 from generate.template import TemplateRealizer  # noqa: E402
 from kvqa.catalog import load_catalog  # noqa: E402
 from sources.kvasir_vqa import parse_answer  # noqa: E402
@@ -260,7 +260,7 @@ class OpenAIStandIn:
         (dedup: an exact duplicate); the question behind a preamble (faithful); a question about the
         referral letter that keeps only the words carrying the question's class cues, so it passes the
         grounding check but asks something else (drifted); "What is shown?" (fails the grounding check)."""
-        q = normalise(question).rstrip("?")
+        q = reading_form(question).rstrip("?")
         words: list[str] = []
         for qc in self.catalog.classes.values():
             hits = [next((m for c in group for m in [re.search(cue_regex(c) + r"[\w-]*", q)] if m), None)

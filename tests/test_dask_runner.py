@@ -136,7 +136,8 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
     worker: one chunk carries two blocks, which must still be encoded (and stored) one block at a time."""
     import numpy as np
 
-    from dedup import EmbeddingCache, embed_texts, encoder_for, normalise_question
+    from dedup import EmbeddingCache, embed_texts, encoder_for
+    from kvqa.text import normalise_text
     from dedup.embed import ENCODE_BLOCK_TEXTS
     from kvqa.tables import read_table
 
@@ -150,7 +151,7 @@ def test_embedding_blocks_on_dask_give_the_local_vectors_bit_for_bit(sample_run,
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    texts = {normalise_question(q) for q in read_table(sample_run / "stages/qa.parquet")["question"]}
+    texts = {normalise_text(q, punctuation=False) for q in read_table(sample_run / "stages/qa.parquet")["question"]}
     blocks = -(-len(texts) // ENCODE_BLOCK_TEXTS)
     assert blocks == 3  # 1,296 texts: blocks of 512, 512 and 272, in 2 task runs (2 blocks and 1)
     assert "embed: 2 chunks as Prefect tasks on Dask (LocalCluster of 2 workers)" in proc.stderr

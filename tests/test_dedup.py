@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from dedup import (EmbeddingCache, SentenceTransformerEncoder, calibration_pairs, cross_split_leakage,
-                   deduplicate, embed_texts, evaluate_threshold, normalise_question, question_vectors)
+                   deduplicate, embed_texts, evaluate_threshold, question_vectors)
 from dedup.calibration import labelled_questions, pair_similarities
 from dedup.embed import STALE_TEMP_AGE_S, TEMP_GLOBS, encode_blocks, text_blocks
 from dedup.frames import nearest_cross_split_pairs
@@ -25,6 +25,7 @@ from generate import GroundingChecker, TemplateRealizer, compose_plans, realize_
 from generate.backends import PlanFact
 from kvqa.config import DedupConfig, KvasirVQASource, PlanConfig
 from kvqa.cpu_paths import CPU_PATHS
+from kvqa.text import normalise_text
 from sources import read_sources
 
 
@@ -338,7 +339,7 @@ def test_every_block_is_encoded_on_one_kernel_thread_and_the_process_keeps_its_c
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        blocks = text_blocks(sorted({normalise_question(q) for q in real_qa.question}), 16)[:6]
+        blocks = text_blocks(sorted({normalise_text(q, punctuation=False) for q in real_qa.question}), 16)[:6]
         encoder = SentenceTransformerEncoder()
         threaded = encode_blocks(blocks, encoder, EmbeddingCache(tmp_path, encoder.vectors_id), threads=2)
         serial = [encoder.encode(block) for block in blocks]

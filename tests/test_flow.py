@@ -16,8 +16,9 @@ import pandas as pd
 from PIL import Image
 
 from conftest import copy_sample, run_cli, tree_digests, write_config
-from dedup import EmbeddingCache, SentenceTransformerEncoder, normalise_question
+from dedup import EmbeddingCache, SentenceTransformerEncoder
 from kvqa.cpu_paths import ALL_BASELINE
+from kvqa.text import normalise_text
 
 
 def _counts_from_card(readme: str) -> dict:
@@ -103,7 +104,8 @@ def test_killed_run_resumes_to_the_same_bytes_and_a_rerun_is_cached(sample_run, 
         previous = stage
     _same_run(root / "sample", sample_run)
     # The forced kernels ran, and gave other last bits: the shared cache holds both paths' vectors, apart.
-    texts = sorted({normalise_question(q) for q in pd.read_parquet(sample_run / "stages" / "qa.parquet").question})
+    questions = pd.read_parquet(sample_run / "stages" / "qa.parquet").question
+    texts = sorted({normalise_text(q, punctuation=False) for q in questions})
     native, forced = (EmbeddingCache(Path(os.environ["KVQA_EMBED_CACHE"]), vectors_id).lookup(texts)
                       for vectors_id in (SentenceTransformerEncoder().vectors_id, forced_vectors_id()))
     assert len(native) == len(forced) == len(texts)

@@ -12,6 +12,7 @@ import pytest
 from generate import GroundingChecker, PlanFact, PlanInput, Realized, TemplateRealizer, compose_plans, realize_plans
 from generate.template import compose_question, number_word
 from kvqa.config import KvasirVQASource, PlanConfig
+from kvqa.text import normalise_text
 from sources import read_sources
 
 
@@ -66,7 +67,7 @@ def test_template_answers_state_every_fact(real_facts, catalog):
         for cls, pair in zip(row.question_class, original):
             qc = catalog.classes[cls]
             values = [v for v in (pair["a"].split(";")) if v.strip()]
-            canon = [qc.lookup.get(v.strip().lower(), v.strip()) for v in values]
+            canon = [qc.lookup.get(normalise_text(v), v.strip()) for v in values]
             if qc.answer_type == "count":
                 n = int(canon[0])
                 if n > 1:

@@ -20,8 +20,9 @@ import pytest
 
 from generate.backends import PlanFact
 from generate.grounding import GroundingChecker, answer_naturalness
-from generate.reader import NAMED_VALUES, Reader, normalise
+from generate.reader import NAMED_VALUES, Reader
 from kvqa.catalog import Catalog
+from kvqa.text import normalise_text
 from sources.kvasir_vqa import parse_answer
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -128,5 +129,5 @@ def test_kvasir_vqa_x1_rows_are_kept_and_their_label_errors_caught(checker, x1_r
     rejected = [(r, v) for r, v in verdicts if v is not None]
     assert len(x1_rows) == 143
     assert len(rejected) <= 0.12 * len(x1_rows), [(r["answer"], v.detail) for r, v in rejected]
-    text_error = [v for r, v in verdicts if normalise(r["answer"]).startswith("no text is visible")]
+    text_error = [v for r, v in verdicts if normalise_text(r["answer"]).startswith("no text is visible")]
     assert text_error and all(v is not None and v.reason == "answer_contradicts_labels" for v in text_error)
