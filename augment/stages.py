@@ -20,7 +20,7 @@ RENDER_LIBRARIES = ("albumentations", "albucore", "opencv-python-headless", "pil
 
 def augment(run: StageRun) -> tuple[dict, list[str]]:
     """Render the augmented track of every usable image, reusing each variant recorded with the same
-    recipe, input bytes and render code; records batches of `augment.chunk_size` images, grouped in about
+    recipe, input bytes and render code; records batches of `augment.batch_size` images, grouped in about
     `runner.chunks_per_worker` task runs per worker on the flow's runner."""
     cfg, a, run_dir = run.cfg, run.cfg.augment, run.run_dir
     catalog = load_artifact_catalog(a.catalog)
@@ -31,9 +31,9 @@ def augment(run: StageRun) -> tuple[dict, list[str]]:
     if not a.enabled:
         images = images.iloc[:0]
     workers = cfg.runner.n_workers if cfg.runner.kind == "dask" else a.workers or os.cpu_count() or 1
-    tasks = task_count(-(-len(images) // a.chunk_size), workers, cfg.runner.chunks_per_worker)
+    tasks = task_count(-(-len(images) // a.batch_size), workers, cfg.runner.chunks_per_worker)
     table = run_dir / "stages/augmentations.parquet"
-    bad, figures, rendered = augment_images(images, settings, table, chunk_size=a.chunk_size, tasks=tasks,
+    bad, figures, rendered = augment_images(images, settings, table, batch_size=a.batch_size, tasks=tasks,
                                             run_chunks=run.runners.augment)
     reconcile("images through augment", len(images), figures["augmented_images"], len(bad))
     reconcile("variants", figures["augmented_images"] * len(catalog.artifacts), figures["variants"])

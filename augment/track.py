@@ -17,7 +17,7 @@ Augmentations table (`stages/augmentations.parquet`), one row per variant:
 | boxes | str | JSON list of the variant's boxes (label, xmin, ymin, xmax, ymax in its pixels): the input's boxes moved by the geometric steps, clipped, those under `MIN_VISIBLE` dropped |
 | recipe | str | JSON: versions, modes, quality, the input boxes and every step's transform, arguments, seed and applied parameters |
 
-Images are cut into batches of `chunk_size` (the unit of resumption): a batch renders all variants of its
+Images are cut into batches of `batch_size` (the unit of resumption): a batch renders all variants of its
 images (each image is decoded once and encoded n times) and writes its records to `augment/records/`, so a
 killed run keeps every finished batch. Batches are grouped into task chunks, about `chunks_per_worker` per
 worker (the unit of scheduling, `kvqa.fanout`), so the number of task runs is bounded by the workers, not
@@ -181,10 +181,10 @@ def render_image(image: dict, prior: dict[int, dict], settings: RenderSettings, 
 _TRANSFORMS: dict = {}  # per worker process: built transforms by (class, arguments)
 
 
-def chunk_file(batch: list[dict], settings: RenderSettings) -> str:
+def batch_file(batch: list[dict], settings: RenderSettings) -> str:
     """The records file of a batch: named by its images and what they are rendered with."""
     key = stable_hash(settings.digest, *(f"{i['source']}/{i['img_id']}" for i in batch))[:20]
-    return f"{RECORDS_DIR}/chunk-{key}.parquet"
+    return f"{RECORDS_DIR}/batch-{key}.parquet"
 
 
 def render_batch(batch: list[dict], settings: RenderSettings) -> ChunkResult:
@@ -205,7 +205,7 @@ def render_batch(batch: list[dict], settings: RenderSettings) -> ChunkResult:
             bad.append({"stage": STAGE, "source": image["source"], "key": image["img_id"],
                         "reason": getattr(err, "reason", "unreadable_image"), "detail": str(err),
                         "raw": image["path"]})
-    write_table(records_frame(records), settings.run_dir / chunk_file(batch, settings))
+    write_table(records_frame(records), settings.run_dir / batch_file(batch, settings))
     return ChunkResult(quarantine_frame(bad), len(batch) - len(bad), rendered)
 
 
@@ -227,7 +227,7 @@ def recorded_files(run_dir: Path) -> dict[tuple[str, str], list[str]]:
     """(source, img_id) -> the records files holding variants of that image, in name order; only the two
     key columns are read."""
     index: dict[tuple[str, str], list[str]] = {}
-    for f in sorted((run_dir / RECORDS_DIR).glob("chunk-*.parquet")):
+    for f in sorted((run_dir / RECORDS_DIR).glob("batch-*.parquet")):
         keys = pq.read_table(f, columns=["source", "img_id"])
         for key in set(zip(keys["source"].to_pylist(), keys["img_id"].to_pylist())):
             index.setdefault(key, []).append(str(f.relative_to(run_dir)))
@@ -329,14 +329,14 @@ def run_in_processes(workers: int, submit=submit_to_pool) -> ChunkRunner:
     return run
 
 
-def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, *, chunk_size: int = 8,
+def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, *, batch_size: int = 8,
                    tasks: int | None = None, run_chunks: ChunkRunner | None = None) -> tuple[pd.DataFrame, dict, int]:
     """Render the augmented track of `images` (a frame plan: `augment.frames.frame_plan`), write its table to
     `table`; return (quarantine, figures, rendered).
 
     `rendered` counts the variants rendered now rather than verified on disk (not a figure of the
     release: it differs between a fresh and a resumed run). Images are persisted in batches of
-    `chunk_size`; `run_chunks` gets the batches grouped in `tasks` chunks (default: one chunk per batch).
+    `batch_size`; `run_chunks` gets the batches grouped in `tasks` chunks (default: one chunk per batch).
     The table is the batches' records files in batch order, which is (source, img_id, variant) order.
 
     Leaves exactly this run's variants under `augmented/` and this run's records under `augment/records/`
@@ -346,13 +346,13 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, 
     run_dir = settings.run_dir
     for folder in ("augmented", "augment"):  # a run folder has one writer: these are a killed run's
         remove_orphan_temps(run_dir / folder)
-    batches = plan_batches(images, run_dir, chunk_size)
+    batches = plan_batches(images, run_dir, batch_size)
     chunks = contiguous_chunks(batches, tasks or len(batches))
     result = merged((run_chunks or run_in_processes(0))(chunks, settings))
-    files = [chunk_file(b, settings) for b in batches]
+    files = [batch_file(b, settings) for b in batches]
     variants = write_table_pieces((pq.read_table(run_dir / f) for f in files), table, AUGMENT_SCHEMA, ROW_GROUP_ROWS)
     keep_records = set(files)
-    for f in (run_dir / RECORDS_DIR).glob("chunk-*.parquet"):
+    for f in (run_dir / RECORDS_DIR).glob("batch-*.parquet"):
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()
     keep_files = set(pq.read_table(table, columns=["output_path"])["output_path"].to_pylist())

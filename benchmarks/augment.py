@@ -117,9 +117,9 @@ def run_floor(images: pd.DataFrame, out: Path, workers: int, n_variants: int, ch
 def run_ours(images: pd.DataFrame, run_dir: Path, workers: int) -> float:
     settings = RenderSettings(load_artifact_catalog(), 42, QUALITY, run_dir)
     t0 = time.perf_counter()
-    chunk_size = AugmentConfig().chunk_size
+    batch_size = AugmentConfig().batch_size
     bad, figures, rendered = augment_images(frame_plan(images), settings, run_dir / "stages" / "augmentations.parquet",
-                                            chunk_size=chunk_size, run_chunks=run_in_processes(workers))
+                                            batch_size=batch_size, run_chunks=run_in_processes(workers))
     assert len(bad) == 0 and rendered == figures["variants"]
     return time.perf_counter() - t0
 

@@ -55,7 +55,7 @@ from sources import read_sources  # noqa: E402
 
 LATENCY_S = 1.0
 CONCURRENCY = 128  # per server
-BATCH = 8  # augment.chunk_size: images per records batch
+BATCH = 8  # augment.batch_size: images per records batch
 
 
 def prefect_api_up() -> None:
@@ -81,7 +81,7 @@ def time_augment(images: pd.DataFrame, run_dir: Path, workers: int, cpw: int, ru
     tasks = task_count(-(-len(images) // BATCH), workers, cpw)
     t0 = time.perf_counter()
     table = run_dir / "stages" / "augmentations.parquet"
-    _, _, rendered = augment_images(frame_plan(images), settings, table, chunk_size=BATCH, tasks=tasks, run_chunks=run_chunks)
+    _, _, rendered = augment_images(frame_plan(images), settings, table, batch_size=BATCH, tasks=tasks, run_chunks=run_chunks)
     assert rendered == len(images) * len(settings.catalog.artifacts)
     return time.perf_counter() - t0, table.read_bytes()
 

@@ -3,7 +3,6 @@ subtask-2 files made from a built release."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pandas as pd
 

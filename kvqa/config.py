@@ -257,7 +257,7 @@ class DedupConfig(_Strict):
 class AugmentConfig(_Strict):
     """The augmented robustness track (see `augment/`): one variant per artifact of the catalog.
 
-    `workers` and `chunk_size` change how fast the track is made, never what it contains.
+    `workers` and `batch_size` change how fast the track is made, never what it contains.
     """
 
     enabled: bool = True
@@ -265,7 +265,7 @@ class AugmentConfig(_Strict):
     jpeg_quality: int = Field(default=95, ge=1, le=100)
     workers: int = Field(default=0, ge=0)  # processes; 0 = one per core
     # images per records batch: what a killed run can lose per worker (task runs are sized by `runner`)
-    chunk_size: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=8, gt=0)
     contact_sheet_images: int = Field(default=4, ge=0)
 
 
@@ -278,7 +278,7 @@ class RunnerConfig(_Strict):
     the cluster at `address` (a scheduler, `tcp://host:8786`; `n_workers` is then the number of its workers
     the work is cut for) or, when none is given, a `LocalCluster` of `n_workers` single-threaded processes.
     Either way the work is cut into about `chunks_per_worker` task runs per worker (each at least one unit:
-    a records batch of `augment.chunk_size` images, a block of 512 texts to embed), so the number of task
+    a records batch of `augment.batch_size` images, a block of 512 texts to embed), so the number of task
     runs is bounded by the workers, not by the data.
     """
 

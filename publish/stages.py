@@ -5,8 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pandas as pd
-
 from augment import load_artifact_catalog
 from augment.stages import RENDER_LIBRARIES
 from kvqa.catalog import load_catalog

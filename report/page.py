@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from kvqa.tables import atomic_path, stable_hash, write_text
+from kvqa.text import normalise_text
 from report import figures
 from report.reference import Reference, compare_shares, load_reference
 
@@ -164,15 +165,18 @@ def _lengths_section(rows: pd.DataFrame, files: _Files) -> str:
         files.figure("lengths.png", figures.length_histograms(q, a), "question and answer length histograms")])
 
 
+def distinct_texts(texts: pd.Series) -> int:
+    return int(texts.map(lambda t: normalise_text(t, punctuation=False)).nunique())
+
+
 def _phrasings_section(rows: pd.DataFrame, files: _Files) -> str:
     exploded = rows[["question_class", "complexity", "question"]].explode("question_class")
     items = []
     for cls, g in exploded.groupby("question_class"):
         single = g[g["complexity"] == 1]
-        items.append([str(cls), len(g), int(g["question"].str.lower().nunique()), len(single),
-                      int(single["question"].str.lower().nunique())])
+        items.append([str(cls), len(g), distinct_texts(g["question"]), len(single), distinct_texts(single["question"])])
     items.sort(key=lambda r: (-r[4], r[0]))
-    out = ["<p>Distinct questions (case-folded) among the rows holding each class; level 1 = the class asked "
+    out = ["<p>Distinct questions (as dedup compares them: <code>kvqa.text.normalise_text</code>) among the rows holding each class; level 1 = the class asked "
            "alone, so its count is the number of phrasings of that class in use.</p>",
            _table(["question_class", "rows", "distinct questions", "level-1 rows", "distinct level-1 questions"],
                   items)]

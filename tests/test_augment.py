@@ -83,13 +83,13 @@ def _render(frames: pd.DataFrame, run_dir: Path, **kw):
 def test_same_bytes_twice_in_any_process_order(real_frames, tmp_path, monkeypatch):
     monkeypatch.setattr("augment.track.ROW_GROUP_ROWS", 7)  # row groups cut across the batches, both runs
     frames = pd.concat([real_frames, sample_frames(3)], ignore_index=True)
-    a, qa, figures, rendered = _render(frames, tmp_path / "a", chunk_size=3, run_chunks=run_in_processes(2))
+    a, qa, figures, rendered = _render(frames, tmp_path / "a", batch_size=3, run_chunks=run_in_processes(2))
     assert rendered == len(a) == 10 * len(frames) and len(qa) == 0 and figures["augmented_images"] == len(frames)
 
     def one_by_one_reversed(chunks, settings):  # another order, another chunking, in this process
         return [render_chunk(c, settings) for c in reversed(chunks)][::-1]
 
-    b, *_ = _render(frames.iloc[::-1], tmp_path / "b", chunk_size=1, run_chunks=one_by_one_reversed)
+    b, *_ = _render(frames.iloc[::-1], tmp_path / "b", batch_size=1, run_chunks=one_by_one_reversed)
     pd.testing.assert_frame_equal(a, b)
     table = "stages/augmentations.parquet"  # streamed from the records batches: same bytes however cut
     assert file_digest(tmp_path / "a" / table) == file_digest(tmp_path / "b" / table)
@@ -104,7 +104,7 @@ def test_same_bytes_twice_in_any_process_order(real_frames, tmp_path, monkeypatc
 
 
 def test_every_variant_replays_from_its_record_alone(real_frames, tmp_path):
-    records, *_ = _render(real_frames, tmp_path, chunk_size=2, run_chunks=run_in_processes(2))
+    records, *_ = _render(real_frames, tmp_path, batch_size=2, run_chunks=run_in_processes(2))
     paths = dict(zip(real_frames["img_id"], real_frames["path"]))
     for rec in records.itertuples():
         replayed = replay_variant(rec.recipe, Path(paths[rec.img_id]))
@@ -194,7 +194,7 @@ def test_odd_modes_are_converted_and_broken_files_quarantined(tmp_path):
     (folder / "garbage.img").write_bytes(b"not an image at all")
     paths = sorted(folder.glob("*.img"))
     frames = pd.DataFrame({"source": "x", "img_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
-    records, quarantine, figures, _ = _render(frames, tmp_path / "run", chunk_size=2, run_chunks=run_in_processes(1))
+    records, quarantine, figures, _ = _render(frames, tmp_path / "run", batch_size=2, run_chunks=run_in_processes(1))
     assert dict(zip(quarantine["key"], quarantine["reason"])) == {"truncated": "corrupt_image",
                                                                    "garbage": "corrupt_image"}
     assert figures["augmented_images"] + len(quarantine) == len(frames) == 8
@@ -209,23 +209,23 @@ def test_odd_modes_are_converted_and_broken_files_quarantined(tmp_path):
 
 def test_resume_skips_intact_variants_and_redoes_damaged_ones(real_frames, tmp_path):
     run = tmp_path / "run"
-    first, *_ = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(2))
+    first, *_ = _render(real_frames, run, batch_size=2, run_chunks=run_in_processes(2))
     reference = tree_digests(run)
     victims = first.iloc[[3, 17]]
     (run / victims.iloc[0].output_path).unlink()                    # a variant that never got written
     (run / victims.iloc[1].output_path).write_bytes(b"\xff\xd8 torn")  # a torn file from a killed worker
-    again, _, _, rendered = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(2))
+    again, _, _, rendered = _render(real_frames, run, batch_size=2, run_chunks=run_in_processes(2))
     assert rendered == 2
     pd.testing.assert_frame_equal(first, again)
     assert tree_digests(run) == reference
-    # Records of a chunk lost with a kill: its images' variants are rendered again, to the same bytes.
+    # Records of a batch lost with a kill: its images' variants are rendered again, to the same bytes.
     for f in sorted((run / "augment" / "records").glob("*.parquet"))[:1]:
         f.unlink()
-    again, _, _, rendered = _render(real_frames, run, chunk_size=2, run_chunks=run_in_processes(1))
+    again, _, _, rendered = _render(real_frames, run, batch_size=2, run_chunks=run_in_processes(1))
     assert rendered in (10, 20) and tree_digests(run) == reference
     # A new seed re-renders everything and leaves no file of the old track behind.
     settings = RenderSettings(load_artifact_catalog(), 7, 95, run)
-    other, _, _, rendered = _augment(real_frames, settings, chunk_size=2, run_chunks=run_in_processes(2))
+    other, _, _, rendered = _augment(real_frames, settings, batch_size=2, run_chunks=run_in_processes(2))
     assert rendered == len(other) and set(other["output_sha256"]).isdisjoint(first["output_sha256"])
     assert {str(p.relative_to(run)) for p in (run / "augmented").rglob("*.jpg")} == set(other["output_path"])
 
@@ -244,9 +244,9 @@ def test_a_chunk_killed_half_way_keeps_its_finished_batches(tmp_path):
         return [render_chunk(chunk, settings)]
 
     with pytest.raises(KeyError):
-        _augment(frames, settings, chunk_size=2, tasks=1, run_chunks=dies_in_its_last_batch)
-    assert len(list((run / "augment/records").glob("chunk-*.parquet"))) == 2
-    records, _, _, rendered = _augment(frames, settings, chunk_size=2, tasks=3, run_chunks=render_here)
+        _augment(frames, settings, batch_size=2, tasks=1, run_chunks=dies_in_its_last_batch)
+    assert len(list((run / "augment/records").glob("batch-*.parquet"))) == 2
+    records, _, _, rendered = _augment(frames, settings, batch_size=2, tasks=3, run_chunks=render_here)
     assert rendered == 2 * 10 and len(records) == 60  # only the last batch is rendered again
 
 
@@ -273,7 +273,7 @@ def recorded_already(chunks, settings):  # every batch's records are on disk: no
 def stage_of(run):
     frames = pd.read_parquet(run / "frames.parquet")
     settings = RenderSettings(load_artifact_catalog(), 42, 95, run)
-    quarantine, figures, _ = augment_images(frame_plan(frames), settings, run / "table.parquet", chunk_size=8,
+    quarantine, figures, _ = augment_images(frame_plan(frames), settings, run / "table.parquet", batch_size=8,
                                             run_chunks=recorded_already)
     assert figures["variants"] == 10 * len(frames), figures
 
@@ -294,7 +294,7 @@ def test_the_flow_side_never_holds_the_records_of_the_track(tmp_path):
     import subprocess
     import sys
 
-    from augment.track import chunk_file, plan_batches, records_frame
+    from augment.track import batch_file, plan_batches, records_frame
 
     def recorded_run(run: Path, n: int) -> None:  # n images whose variants are all on record
         frames = pd.DataFrame({"source": "x", "img_id": [f"i{k:05d}" for k in range(n)], "path": "/absent.jpg"})
@@ -307,7 +307,7 @@ def test_the_flow_side_never_holds_the_records_of_the_track(tmp_path):
                         "output_sha256": "0" * 64, "width": 9, "height": 9, "mode": "RGB", "n_bytes": 1,
                         "recipe": os.urandom(1000).hex()}
                        for im in batch for v, a in enumerate(settings.catalog.artifacts)]
-            write_table(records_frame(records), run / chunk_file(batch, settings))
+            write_table(records_frame(records), run / batch_file(batch, settings))
 
     n = 4_000
     recorded_run(tmp_path / "small", 16)
@@ -363,7 +363,7 @@ def test_augment_track_flow_runs_alone(tmp_path):
     for p in sorted(images.glob("*.jpg"))[6:]:
         p.unlink()
     cfg = write_config(tmp_path / "a.yaml", csv_path, images, run_name="alone",
-                       augment={"workers": 2, "chunk_size": 2})
+                       augment={"workers": 2, "batch_size": 2})
     proc = run_cli("augment", "--config", str(cfg))
     run = tmp_path / "runs" / "alone"
     records = pd.read_parquet(run / "stages" / "augmentations.parquet")
@@ -412,7 +412,7 @@ def test_temporary_files_of_a_killed_run_are_removed(tmp_path):
     """`atomic_path` temporaries a SIGKILL left in `augmented/` and `augment/records/` go when the stage
     starts again (the run folder has one writer); other files are not touched."""
     left = [tmp_path / "augmented" / "x" / "a" / ".00-motion_blur.jpg.k3j_9x2a.tmp",
-            tmp_path / "augment" / "records" / ".chunk-0123.parquet.ab12cd34.tmp"]
+            tmp_path / "augment" / "records" / ".batch-0123.parquet.ab12cd34.tmp"]
     kept = tmp_path / "augment" / "notes.tmp"
     for p in (*left, kept):
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -435,7 +435,7 @@ def test_a_masks_source_with_augmentation_does_not_hang(tmp_path):
     config = {"run_name": "seg", "output_root": str(tmp_path / "runs"),
               "sources": [{"kind": "boxes", "name": "kvasir-seg", "masks_dir": str(REAL_FRAMES.parent / "masks"),
                            "box_labels": ["polyp"], "image_label": "polyp", "image_dir": str(REAL_FRAMES)}],
-              "augment": {"workers": 2, "chunk_size": 2}}
+              "augment": {"workers": 2, "batch_size": 2}}
     (tmp_path / "seg.yaml").write_text(yaml.safe_dump(config))
     proc = run_cli("augment", "--config", str(tmp_path / "seg.yaml"), timeout=240)
     records = pd.read_parquet(tmp_path / "runs" / "seg" / "stages" / "augmentations.parquet")

@@ -260,4 +260,4 @@ def test_runner_config_validated(tmp_path):
     with pytest.raises(ConfigError, match="runner"):
         load_config(dask_config(tmp_path, n_workers=0))
     with pytest.raises(ConfigError, match="runner"):
-        load_config(dask_config(tmp_path, min_chunk_images=8))  # gone: the records batch is augment.chunk_size
+        load_config(dask_config(tmp_path, min_chunk_images=8))  # gone: the records batch is augment.batch_size
