@@ -4,7 +4,7 @@ The key is a hash of everything that determines a reply: the request body exactl
 it (model, messages, sampling parameters with the per-item seed, response schema, `extra_body`) and the
 transport's `endpoint`, which names where replies come from only where the body does not say it all (the
 in-process `vllm` engine's arguments, `batch` results). For OpenAI-compatible servers it is one constant:
-the model and the body decide the reply, not which replica of a list answered it (README, LLM cache).
+the model and the body decide the reply, not which replica of a list answered it (docs/design.md, LLM generation).
 Entries live in append-only segment files, one per writing process
 (`seg-<pid>-<random>.jsonl`), one JSON line per reply, flushed as each reply arrives: a process killed
 half way keeps every reply it received, and a torn last line (killed mid-write) fails to parse and is simply

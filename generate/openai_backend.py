@@ -167,7 +167,7 @@ class OpenAITransport:
 
     body_defaults: dict = {}
     # The cache key does not name the server: the model and the body decide a reply, so every endpoint of
-    # the list (and a server moved to another address) serves the same cache (README, LLM cache).
+    # the list (and a server moved to another address) serves the same cache (docs/design.md, LLM generation).
     endpoint = "openai-compatible"
 
     def __init__(self, config: LLMConfig):

@@ -33,7 +33,7 @@ SOURCE_NAME = r"^[a-z0-9][a-z0-9_-]*$"
 # 4K 3840 x 2160) and keeps one decoded image under 50 MB (the augmented track holds a few copies).
 DEFAULT_MAX_PIXELS = 4096 * 4096
 PILLOW_MAX_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: Pillow refuses larger images itself
-DEFAULT_NEAR_DUPLICATE_DISTANCE = 44  # bits of 256: calibrated on the real Kvasir-SEG frames (README, Splits)
+DEFAULT_NEAR_DUPLICATE_DISTANCE = 44  # bits of 256: calibrated on the real Kvasir-SEG frames (docs/design.md, Splits)
 MaxPixels = Annotated[int, Field(gt=0, le=PILLOW_MAX_PIXELS)]
 
 
@@ -213,7 +213,7 @@ class DedupConfig(_Strict):
     """Semantic deduplication (see `dedup/near.py` for the scopes and the paraphrase band).
 
     Two cosine bounds, both calibrated on labelled question pairs (`dedup/calibration.py`; figures in
-    README, Deduplication, and benchmarks/README.md):
+    docs/design.md, Deduplication, and benchmarks/README.md):
     - `threshold`: "asks the same thing". A paraphrase below it from its source question has drifted and
       is removed; a test row at or above it from a train row of the same image content and classes leaks.
     - `paraphrase_max_similarity`: "adds nothing". A paraphrase at or above it from a row kept before it
@@ -268,6 +268,14 @@ class AugmentConfig(_Strict):
     batch_size: int = Field(default=8, gt=0)
     contact_sheet_images: int = Field(default=4, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "chunk_size" in data:
+            raise ValueError("augment.chunk_size is now augment.batch_size (images per records batch; a chunk is "
+                             "a task run's share, sized by runner.chunks_per_worker)")
+        return data
+
 
 class RunnerConfig(_Strict):
     """Where the fan-out work runs; changes how fast, never what (outputs are byte-identical).
@@ -291,11 +299,11 @@ class RunnerConfig(_Strict):
 class SplitConfig(_Strict):
     test_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     # Two images are near duplicates (kept in one split) when their 256-bit fingerprints are at most this
-    # many bits apart (`dedup.frames`; calibration in README, Splits). 0 = identical fingerprints only.
+    # many bits apart (`dedup.frames`; calibration in docs/design.md, Splits). 0 = identical fingerprints only.
     near_duplicate_distance: int = Field(default=DEFAULT_NEAR_DUPLICATE_DISTANCE, ge=0, le=64)
     # The leakage report looks at what the split did not join: each test image's nearest train images up to
     # this many bits apart (similar scenes kept apart) are checked for questions that repeat a train row's.
-    # 64 lies between the threshold and the closest real distinct pair measured (80; README, Splits).
+    # 64 lies between the threshold and the closest real distinct pair measured (80; docs/design.md, Splits).
     leakage_distance: int = Field(default=64, ge=0, le=128)
 
     @model_validator(mode="after")

@@ -131,14 +131,14 @@ def export(run: StageRun) -> tuple[dict, list[str]]:
 
 SPLITS = Stage("splits", splits, packages=("publish",), config=("split", "seed"),
                unkeyed=("split.leakage_distance",),
-               tables=("stages/qa_dedup.parquet", "stages/images.parquet"), libraries=("imagehash",),
+               tables=("stages/qa_dedup.parquet", "stages/images.parquet"),
                outputs=("stages/splits.parquet",))
 # The augmented rows' boxes and variants are read back from the augment stage's files (their digests are in
 # stages/augmentations.parquet, which is in the key).
 RELEASE = Stage("release", release, packages=("publish", "review", "augment"), config=SHARD_SETTINGS,
                 tables=("stages/qa_dedup.parquet", "stages/splits.parquet", "stages/images.parquet",
                         "stages/augmentations.parquet", "stages/quarantine_images.parquet", "stages/facts.parquet",
-                        VERDICTS_FILE), data=("config:catalog",), libraries=(*SHARD_LIBRARIES, *RENDER_LIBRARIES),
+                        VERDICTS_FILE), data=("config:catalog",), libraries=("datasets", *RENDER_LIBRARIES),
                 outputs=("stages/quarantine_publish.parquet", "stages/quarantine_review.parquet"))
 RELEASE_EXPLANATIONS = Stage(
     "release_explanations", release_explanations, packages=("publish", "review"), config=SHARD_SETTINGS,

@@ -27,6 +27,6 @@ def report(run: StageRun) -> tuple[dict, list[str]]:
 
 
 REPORT = Stage("report", report, packages=("report", "review"), config=("run_name",),
-               tables=(*REPORT_INPUTS, "stages/qa_dedup.parquet", "stages/images.parquet", VERDICTS_FILE),
+               tables=(*REPORT_INPUTS, VERDICTS_FILE),  # REPORT_INPUTS has the QA rows and images the rates read
                run_inputs=release_files, data=("report/kvasir_vqa_x1_reference.yaml",),
                after=("dedup", "leakage", "augment"), libraries=PLOT_LIBRARIES)

@@ -41,7 +41,7 @@ colour of a lesion tells frames apart that luminance does not). Every hash here 
 so it survives re-encoding, resizing, brightness and a few degrees of rotation; a crop moves the grid, so
 the same 256 bits are also taken of `FINGERPRINT_WINDOWS` (the four corner windows of 92.5 % of each side
 and the central 90 %): a copy cropped by 5-10 % is near one of its original's windows. Calibration and
-distances: README, Splits.
+distances: docs/design.md, Splits.
 """
 
 from __future__ import annotations

@@ -645,3 +645,15 @@ def test_new_input_boxes_re_render_only_that_image(tmp_path):
     pd.testing.assert_frame_equal(first[~changed], again[~changed])
     # The pixels do not depend on the boxes: the re-rendered files are the same bytes.
     assert list(first["output_sha256"]) == list(again["output_sha256"])
+
+
+def test_the_renamed_chunk_size_names_its_new_key():
+    """`augment.chunk_size` became `augment.batch_size` ("chunk" is a task run's share only): an old config
+    says what to write instead, not just "extra field"."""
+    from pydantic import ValidationError
+
+    from kvqa.config import AugmentConfig
+
+    with pytest.raises(ValidationError, match="augment.chunk_size is now augment.batch_size"):
+        AugmentConfig(chunk_size=8)
+    assert AugmentConfig(batch_size=3).batch_size == 3

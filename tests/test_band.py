@@ -119,7 +119,7 @@ def test_paraphrase_band_with_the_real_model(encoder, tmp_path):
     assert figures["removed_by"] == {"image/drifted": 2, "image/exact": 2, "image/near": 4}
 
 
-# Floors of the paraphrase band at the configured bounds (README, Deduplication). Each holds at the default
+# Floors of the paraphrase band at the configured bounds (docs/design.md, Deduplication). Each holds at the default
 # and fails at a wrong bound (checked below).
 BAND_FLOORS = {"drift recall": 0.29, "faithful rejected as drifted at most": 0.09,
                "restatement recall": 0.78, "rephrasings removed at most": 0.16, "rephrasings kept": 0.72}

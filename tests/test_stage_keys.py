@@ -55,8 +55,12 @@ DISTS = _dist_of_top_level()
 
 
 class Tracer:
-    """Files opened for reading (audit hook) and source files whose code ran (a trace function that only
-    sees calls), in this process and its new threads, between enter and exit."""
+    """Files opened for reading (audit hook; parquet files, which pyarrow opens in C++ where no audit event
+    fires, at pyarrow's entry points) and source files whose code ran (a trace function that only sees
+    calls), in this process and its new threads, between enter and exit."""
+
+    PARQUET_READERS = ("read_table", "read_metadata", "read_schema")  # functions of pyarrow.parquet
+    PARQUET_CLASSES = ("ParquetFile", "ParquetDataset")  # classes of it, given the source first
 
     active: "Tracer | None" = None
     hooked = False
@@ -86,19 +90,49 @@ class Tracer:
             self.code.add(code.co_filename)
         return None
 
+    def _note(self, source) -> None:
+        if isinstance(source, (str, os.PathLike)):
+            self.opened.add(Path(source).absolute())
+
+    def _recording(self, real):
+        def read(source, *args, **kwargs):
+            self._note(source)
+            return real(source, *args, **kwargs)
+        return read
+
+    def _recording_init(self, real):
+        def init(obj, source, *args, **kwargs):
+            self._note(source)
+            return real(obj, source, *args, **kwargs)
+        return init
+
     def __enter__(self):
+        import pyarrow.parquet as pq
+
         if not Tracer.hooked:
             sys.addaudithook(Tracer._audit)
             Tracer.hooked = True
         Tracer.active = self
+        self._real = {name: getattr(pq, name) for name in self.PARQUET_READERS}
+        self._real_init = {name: getattr(pq, name).__init__ for name in self.PARQUET_CLASSES}
+        for name, real in self._real.items():
+            setattr(pq, name, self._recording(real))
+        for name, real in self._real_init.items():
+            setattr(getattr(pq, name), "__init__", self._recording_init(real))
         threading.settrace(self._trace)
         sys.settrace(self._trace)
         return self
 
     def __exit__(self, *exc):
+        import pyarrow.parquet as pq
+
         sys.settrace(None)
         threading.settrace(None)
         Tracer.active = None
+        for name, real in self._real.items():
+            setattr(pq, name, real)
+        for name, real in self._real_init.items():
+            setattr(getattr(pq, name), "__init__", real)
 
 
 def distribution(path: Path) -> str | None:
