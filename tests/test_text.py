@@ -4,9 +4,6 @@ reader, for dedup's exact duplicates and for the catalog's token match."""
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -21,6 +18,7 @@ from generate.reader import Reader, reading_form
 from kvqa.config import DedupConfig
 from kvqa.text import SPELLING, normalise_text
 from sources.kvasir_vqa import parse_answer
+from test_dedup import HashEncoder  # a fixed unit vector per text: only equal normalised texts are `exact`
 
 # Question pairs that differ only in what normalisation removes.
 QUESTION_PAIRS = [
@@ -76,24 +74,6 @@ def test_the_grounding_check_judges_both_spellings_alike(catalog):
     for text in ("Oesophagitis is present.", "Esophagitis is present."):
         (st,) = reader.read(text).of("abnormality_presence")
         assert st.values == {"oesophagitis"} and st.polarity == "asserted", text
-
-
-class HashEncoder:
-    """A stand-in model: a fixed unit vector per text (from its sha256); distinct texts are far apart, so a
-    pair is removed as `exact` only when its two normalised texts are equal."""
-
-    model_id = vectors_id = "hash-encoder"
-
-    def __init__(self):
-        self.texts_encoded = 0
-
-    def replica(self):
-        return type(self)()
-
-    def encode(self, texts):
-        self.texts_encoded += len(texts)
-        v = np.stack([np.frombuffer(hashlib.sha256(t.encode()).digest(), np.uint8) for t in texts]) - 127.5
-        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
 def test_dedup_removes_each_pair_as_an_exact_duplicate():
