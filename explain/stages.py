@@ -62,10 +62,11 @@ def medico_task2(run: StageRun) -> tuple[dict, list[str]]:
 
 
 EXPLAIN = Stage("explain", explain, packages=("explain",), config=("explain", "seed"),
-                unkeyed=("explain.max_rejected_share",),
+                unkeyed=("explain.max_rejected_share", "explain.llm.cache_dir", "explain.llm.batch_dir"),
                 tables=("stages/qa_dedup.parquet", "stages/plans.parquet", "stages/facts.parquet"),
-                data=("config:catalog", "config:explain.phrasings", *PROMPT_FILES, "config:sources.masks_dir"),
-                caches=llm_caches, outputs=("stages/explanations.parquet", "stages/quarantine_explain.parquet"),
+                data=("config:catalog", "config:explain.phrasings", *PROMPT_FILES, "config:sources.masks_dir",
+                      "config:explain.llm.batch_results"),
+                caches=llm_caches("explain"), outputs=("stages/explanations.parquet", "stages/quarantine_explain.parquet"),
                 redo=failed_requests_redo, libraries=("pillow",))
 MEDICO_TASK2 = Stage("medico_task2", medico_task2, packages=("explain",), run_inputs=release_files,
                      libraries=("datasets", "pillow", "scipy"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvqa.catalog import load_catalog
 from kvqa.fanout import task_count
 from kvqa.reconcile import by_reason, reconcile, reconcile_ids
@@ -19,10 +21,15 @@ USAGE_FILE = "llm_usage.jsonl"  # the run's LLM usage ledger (generate.llm.Usage
 PROMPT_FILES = prompt_files(*LLM_PROMPTS, SECOND_OPINION)
 
 
-def llm_caches(run: StageRun) -> list:
-    """What the LLM stages keep across runs, every entry keyed by its own request: the request cache, the
-    Batch API's files and the usage ledger (appended, never read back into a table)."""
-    return [run.cfg.output_root / "llm-cache", run.run_dir / "batch", run.run_dir / USAGE_FILE]
+def llm_caches(section: str):
+    """What an LLM stage (its config section: `generate`, `explain`) keeps across runs, every entry keyed by
+    its own request: the request cache, the Batch API's request files and the usage ledger (appended, never
+    read back into a table)."""
+    def caches(run: StageRun) -> list[Path]:
+        llm = getattr(run.cfg, section).llm
+        return [Path(llm.cache_dir or run.cfg.output_root / "llm-cache"), Path(llm.batch_dir or run.run_dir / "batch"),
+                run.run_dir / USAGE_FILE]
+    return caches
 
 
 def plans(run: StageRun) -> tuple[dict, list[str]]:
@@ -65,8 +72,10 @@ def generate(run: StageRun) -> tuple[dict, list[str]]:
 
 PLANS = Stage("plans", plans, packages=("generate",), config=("plans", "seed"),
               tables=("stages/facts.parquet", ADDITIONS_FILE), outputs=("stages/plans.parquet",))
+# A Batch API result file is an input (its replies are the rows); where the caches live is not.
 GENERATE = Stage("generate", generate, packages=("generate",), config=("generate", "seed"),
-                 unkeyed=("generate.max_rejected_share",),
-                 tables=("stages/facts.parquet", "stages/plans.parquet"), data=("config:catalog", *PROMPT_FILES),
-                 caches=llm_caches, outputs=("stages/qa.parquet", "stages/quarantine_generate.parquet"),
+                 unkeyed=("generate.max_rejected_share", "generate.llm.cache_dir", "generate.llm.batch_dir"),
+                 tables=("stages/facts.parquet", "stages/plans.parquet"),
+                 data=("config:catalog", *PROMPT_FILES, "config:generate.llm.batch_results"),
+                 caches=llm_caches("generate"), outputs=("stages/qa.parquet", "stages/quarantine_generate.parquet"),
                  redo=failed_requests_redo)

@@ -49,7 +49,8 @@ BASE_LIBRARIES = ("numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
 NON_DECIDING_LIBRARIES = ("prefect", "tqdm", "filelock", "httpx", "httpcore", "anyio", "sniffio", "h11", "openai",
                           "certifi", "idna", "distro", "jiter", "typing-extensions", "annotated-types",
                           "pydantic-core", "packaging", "cloudpickle", "rich", "pygments", "dask", "distributed",
-                          "six", "fsspec", "dill", "multiprocess", "xxhash", "huggingface-hub", "threadpoolctl")
+                          "six", "fsspec", "dill", "multiprocess", "xxhash", "huggingface-hub", "threadpoolctl",
+                          "httpx2", "httpcore2", "typing-inspection")
 
 
 @dataclass(frozen=True)
@@ -202,10 +203,14 @@ def _dump(value: Any) -> Any:
 def config_part(stage: Stage, cfg: Config) -> dict[str, Any]:
     out = {p: _dump(config_value(cfg, p)) for p in stage.config}
     for dotted in stage.unkeyed:
-        section, _, leaf = dotted.rpartition(".")
-        if section not in out:
+        section = next((p for p in stage.config if dotted.startswith(p + ".")), None)
+        if section is None:
             raise ValueError(f"stage {stage.name!r}: unkeyed {dotted!r} is not inside a declared config section")
-        out[section].pop(leaf)
+        *path, leaf = dotted[len(section) + 1:].split(".")
+        node = out[section]
+        for part in path:
+            node = node[part]
+        node.pop(leaf)
     return out
 
 

@@ -26,6 +26,7 @@ import threading
 from importlib import metadata
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from augment.stages import AUGMENT
@@ -85,7 +86,8 @@ class Tracer:
 
     def _trace(self, frame, event, arg):
         code = frame.f_code
-        if code not in self._seen:
+        if code not in self._seen and not threading.current_thread().name.endswith("(process_request_thread)"):
+            # (the loopback stand-in's request threads are the test's server, not the build)
             self._seen.add(code)
             self.code.add(code.co_filename)
         return None
@@ -235,6 +237,37 @@ def copy_project(to: Path) -> None:
     """The code and data a build reads from the project (its packages, flows and prompts)."""
     for package in (*STAGE_PACKAGES, "flows", "prompts"):
         shutil.copytree(ROOT / package, to / package, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def test_llm_builds_read_only_what_they_declare(sample_run, tmp_path, monkeypatch):
+    """The same for the LLM path, which the sample build does not take: generate (with the judge,
+    paraphrases and the second opinion) and explain with the `openai` backend, against the loopback stand-in,
+    on 24 plans and 24 QA rows of a copy of the sample build."""
+    from openai_standin import OpenAIStandIn
+
+    from explain.stages import EXPLAIN
+    from generate.stages import GENERATE
+
+    run_dir = tmp_path / "runs" / "sample"
+    shutil.copytree(sample_run, run_dir, ignore=shutil.ignore_patterns("augmented", "release", "export"))
+    for table in ("plans", "qa_dedup"):
+        path = run_dir / "stages" / f"{table}.parquet"
+        pd.read_parquet(path).head(24).to_parquet(path, index=False)
+    monkeypatch.setenv("KVQA_TEST_KEY", "sk-test")
+    with OpenAIStandIn() as standin:
+        llm = dict(base_url=standin.url, api_key_env="KVQA_TEST_KEY", concurrency=4, timeout_s=5.0, verify=True,
+                   naturalize_variants=1, second_opinion=True)
+        cfg = load_config(SAMPLE_CONFIG_PATH, {"output_root": str(run_dir.parent),
+                                               "generate": {"backend": "openai", "llm": llm},
+                                               "explain": {"backend": "openai", "llm": llm}})
+        problems = {}
+        for stage in (GENERATE, EXPLAIN):
+            run = StageRun(cfg, run_dir)
+            with Tracer() as tracer:
+                summary, outputs = stage.build(run)
+            assert summary["llm_usage"], stage.name  # the requests went to the stand-in
+            problems[stage.name] = problems_of(stage, run, tracer, outputs)
+    assert not {name: p for name, p in problems.items() if p}, json.dumps(problems, indent=1)
 
 
 class Digests:
