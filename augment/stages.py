@@ -15,7 +15,9 @@ from kvqa.tables import atomic_path, first_rows, write_table
 
 log = logging.getLogger("kvqa")
 CONTACT_SHEET = "augment/contact-sheet.png"
-RENDER_LIBRARIES = ("albumentations", "albucore", "opencv-python-headless", "pillow", "scipy")
+# Every wheel that installs `cv2` or `PIL` is named: whichever is installed is keyed (the others as absent).
+RENDER_LIBRARIES = ("albumentations", "albucore", "opencv-python-headless", "opencv-python",
+                    "opencv-contrib-python", "opencv-contrib-python-headless", "pillow", "pillow-simd", "scipy")
 
 
 def augment(run: StageRun) -> tuple[dict, list[str]]:

@@ -76,9 +76,11 @@ AUGMENT_DTYPES = {**dict.fromkeys(AUGMENT_COLUMNS, "str"), "variant": "int32", "
 ROW_GROUP_ROWS = 16_384
 RECORDS_DIR = "augment/records"
 STAGE = "augment"
-# The code that decides a variant's pixels: a recorded variant is reused only when it was rendered by the same
-# bytes of these files (an edit elsewhere in augment redoes the stage, which then verifies and keeps them).
-RENDER_CODE = ("augment/render.py",)
+# The code that decides a variant's bytes and recipe (decode, plan, apply, encode; the transforms it builds,
+# the EXIF reading, the seeds' hash; `test_stage_keys` traces a render and checks this list): a recorded
+# variant is reused only when it was rendered by the same bytes of these files (an edit elsewhere in augment
+# redoes the stage, which then verifies the variants on disk and keeps them).
+RENDER_CODE = ("augment/render.py", "augment/catalog.py", "sources/images.py", "kvqa/tables.py")
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,7 @@ def augment_images(images: pd.DataFrame, settings: RenderSettings, table: Path, 
     files = [batch_file(b, settings) for b in batches]
     variants = write_table_pieces((pq.read_table(run_dir / f) for f in files), table, AUGMENT_SCHEMA, ROW_GROUP_ROWS)
     keep_records = set(files)
-    for f in (run_dir / RECORDS_DIR).glob("batch-*.parquet"):
+    for f in (run_dir / RECORDS_DIR).glob("*.parquet"):  # (older versions named them chunk-*.parquet)
         if str(f.relative_to(run_dir)) not in keep_records:
             f.unlink()
     keep_files = set(pq.read_table(table, columns=["output_path"])["output_path"].to_pylist())

@@ -19,7 +19,10 @@ from kvqa.tables import write_table
 log = logging.getLogger("kvqa")
 # What computes the vectors (torch's and ONNX Runtime's stacks; an absent one is keyed as absent) and the
 # packaged model's wheel. The CPU kernel path is in the embedding cache's own key (`vectors_id`).
-EMBEDDING_LIBRARIES = (*ONNX_LIBRARIES, PACKAGED_MODEL, "faiss-cpu")
+# (`regex` and `safetensors`: the tokenizer's pre-split and the weights' loader; the GPU wheels of ONNX Runtime
+# and faiss; and what loading sentence-transformers and torch runs: scikit-learn, scipy, sympy and theirs.)
+EMBEDDING_LIBRARIES = (*ONNX_LIBRARIES, "onnxruntime-gpu", "regex", "safetensors", PACKAGED_MODEL, "faiss-cpu",
+                       "faiss-gpu", "scikit-learn", "scipy", "joblib", "sympy", "mpmath", "narwhals", "kernels")
 
 
 def embed_cache_folder(run: StageRun) -> Path:

@@ -9,7 +9,7 @@ import pandas as pd
 from explain import EXPLANATION_COLUMNS, explain_rows, load_phrasings, make_explainer, mask_index
 from explain.medico import SUBMISSION_NAME, VAL_SET_NAME, export_task2
 from generate.grounding import GroundingChecker
-from generate.stages import PROMPT_FILES, USAGE_FILE, llm_caches
+from generate.stages import ENGINE_LIBRARIES, PROMPT_FILES, USAGE_FILE, llm_caches
 from kvqa.catalog import load_catalog
 from kvqa.errors import BadInput
 from kvqa.reconcile import by_reason, reconcile_ids
@@ -45,14 +45,17 @@ def explain(run: StageRun) -> tuple[dict, list[str]]:
              "by_reason": by_reason(rejected), "llm_usage": usage, "failed_requests": failed}, list(EXPLAIN.outputs))
 
 
-def release_files(run: StageRun) -> list[str]:
-    """Every file of the release folder: the export loads it as a dataset (`datasets`), card included."""
-    return sorted(str(p.relative_to(run.run_dir)) for p in (run.run_dir / "release").rglob("*") if p.is_file())
+def task2_inputs(run: StageRun) -> list[str]:
+    """What the export loads (`datasets`): the card (its `configs:` header) and the `data` and `explanations`
+    configs' shards, not the augmented track."""
+    release = run.run_dir / "release"
+    return sorted(str(p.relative_to(run.run_dir)) for p in [release / "README.md", *(release / "data").glob("*"),
+                                                            *(release / "explanations").glob("*")] if p.is_file())
 
 
 def medico_task2(run: StageRun) -> tuple[dict, list[str]]:
     """`export/medico-task2/` (val_set_task2/, submission_task2.jsonl, visuals/) from the release's test shards."""
-    if not any(s.startswith("release/data/test-") for s in release_files(run)):
+    if not any(s.startswith("release/data/test-") for s in task2_inputs(run)):
         raise BadInput(f"no test split in {run.run_dir / 'release'}/data: build the run first (kvqa build)")
     out = run.run_dir / MEDICO_DIR
     summary = export_task2(run.run_dir / "release", out)
@@ -62,11 +65,13 @@ def medico_task2(run: StageRun) -> tuple[dict, list[str]]:
 
 
 EXPLAIN = Stage("explain", explain, packages=("explain",), config=("explain", "seed"),
-                unkeyed=("explain.max_rejected_share", "explain.llm.cache_dir", "explain.llm.batch_dir"),
+                # (the LLM settings only generation uses, and where the caches live, decide nothing here)
+                unkeyed=("explain.max_rejected_share", "explain.llm.cache_dir", "explain.llm.batch_dir",
+                         "explain.llm.verify", "explain.llm.naturalize_variants", "explain.llm.second_opinion"),
                 tables=("stages/qa_dedup.parquet", "stages/plans.parquet", "stages/facts.parquet"),
-                data=("config:catalog", "config:explain.phrasings", *PROMPT_FILES, "config:sources.masks_dir",
-                      "config:explain.llm.batch_results"),
+                data=("config:catalog", "config:explain.phrasings", *PROMPT_FILES, "config:explain.llm.batch_results"),
+                listings=("config:sources.masks_dir",),  # the mask files linked, by name (their bytes: the release)
                 caches=llm_caches("explain"), outputs=("stages/explanations.parquet", "stages/quarantine_explain.parquet"),
-                redo=failed_requests_redo, libraries=("pillow",))
-MEDICO_TASK2 = Stage("medico_task2", medico_task2, packages=("explain",), run_inputs=release_files,
+                redo=failed_requests_redo, libraries=("pillow", *ENGINE_LIBRARIES))
+MEDICO_TASK2 = Stage("medico_task2", medico_task2, packages=("explain",), run_inputs=task2_inputs,
                      libraries=("datasets", "pillow", "scipy"))

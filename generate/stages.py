@@ -16,6 +16,9 @@ from generate.realize import image_chunks, in_plan_order, make_backend, realize_
 from generate.second_opinion import STAGE as SECOND_OPINION
 
 USAGE_FILE = "llm_usage.jsonl"  # the run's LLM usage ledger (generate.llm.UsageLedger)
+# The `vllm` backend's in-process engine decides the replies with its own libraries (absent: keyed as such).
+# A server's versions are not in any key: its replies are cached by the request, model named.
+ENGINE_LIBRARIES = ("vllm", "torch", "transformers")
 # Every LLM prompt: the backends send theirs, and the grounding check reads all of them (a question that
 # echoes a prompt is rejected).
 PROMPT_FILES = prompt_files(*LLM_PROMPTS, SECOND_OPINION)
@@ -77,5 +80,5 @@ GENERATE = Stage("generate", generate, packages=("generate",), config=("generate
                  unkeyed=("generate.max_rejected_share", "generate.llm.cache_dir", "generate.llm.batch_dir"),
                  tables=("stages/facts.parquet", "stages/plans.parquet"),
                  data=("config:catalog", *PROMPT_FILES, "config:generate.llm.batch_results"),
-                 caches=llm_caches("generate"), outputs=("stages/qa.parquet", "stages/quarantine_generate.parquet"),
+                 libraries=ENGINE_LIBRARIES, caches=llm_caches("generate"), outputs=("stages/qa.parquet", "stages/quarantine_generate.parquet"),
                  redo=failed_requests_redo)

@@ -3,14 +3,17 @@
 A stage is declared once, in its own package's `stages.py`, as a `Stage`: its name (the Prefect task's, the
 build function's and the marker's: `stages/<name>.done.json`), the packages whose code decides its output, the
 config fields, run-folder tables, data files and folders, earlier stages' summaries and library versions it
-reads, and its build function. Its cache key is derived from the declaration, never written by hand, so a
-thing the stage reads is in its key by construction; `tests/test_stage_keys.py` runs every build under an
-audit hook and a tracer and fails when a build opens a file or runs code its declaration does not name.
+reads, and its build function. Its cache key is derived from the declaration, never written by hand;
+`tests/test_stage_keys.py` runs every build (the sample's, and the LLM path against the loopback stand-in)
+under an audit hook and a trace function, and fails when it opens a file of the project, the data or the
+run, or runs project or library code, that its declaration does not name. (What it cannot see: config
+fields read, C-level file opens, paths those builds do not take.)
 
 Prefect's own task caching is per flow run unless results are persisted, and its TASK_SOURCE policy does not
 see helper code; here a stage is skipped when a marker written *after* its outputs records the same key and
 the outputs still have the recorded digests. A killed run therefore resumes from the last finished stage,
-and a re-run with anything changed (config, inputs, catalog, code, a library) redoes exactly what reads it.
+and a re-run with anything changed (config, inputs, catalog, code, a library) redoes every stage that declares
+it (code per package: an edit of a module redoes every stage whose packages hold it).
 """
 
 from __future__ import annotations
@@ -44,13 +47,11 @@ CODE_ROOT = PROJECT_ROOT
 STAGE_PACKAGES = ("kvqa", "sources", "generate", "dedup", "augment", "publish", "explain", "review", "report")
 # Distributions whose versions decide the bytes of every stage's tables: in every key.
 BASE_LIBRARIES = ("numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
-# Distributions a build runs that move, log or schedule bytes and never decide them: in no key. Named here
-# (not in a test) because leaving a library out of every key is a decision of this contract.
-NON_DECIDING_LIBRARIES = ("prefect", "tqdm", "filelock", "httpx", "httpcore", "anyio", "sniffio", "h11", "openai",
-                          "certifi", "idna", "distro", "jiter", "typing-extensions", "annotated-types",
-                          "pydantic-core", "packaging", "cloudpickle", "rich", "pygments", "dask", "distributed",
-                          "six", "fsspec", "dill", "multiprocess", "xxhash", "huggingface-hub", "threadpoolctl",
-                          "httpx2", "httpcore2", "typing-inspection")
+# Distributions that move, log or schedule bytes and never decide them, with everything they require (the
+# resolver may add a dependency to them any day: `non_deciding_libraries`): in no key, unless a stage names
+# one. Named here (not in a test) because leaving a library out of every key is a decision of this contract.
+NON_DECIDING_ROOTS = ("prefect", "prefect-dask", "dask", "distributed", "openai", "huggingface-hub", "fsspec",
+                      "tqdm", "filelock", "typer", "dill", "multiprocess", "xxhash", "threadpoolctl")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,29 @@ def code_files(*packages: str) -> list[Path]:
 def code_version(*packages: str) -> str:
     """A digest of `code_files(*packages)` (a change to a helper in another package redoes the stage too)."""
     return stable_hash(*(f"{p.relative_to(CODE_ROOT)}:{file_digest(p)}" for p in code_files(*packages)))[:16]
+
+
+@lru_cache(maxsize=None)
+def non_deciding_libraries() -> frozenset[str]:
+    """`NON_DECIDING_ROOTS` and, transitively, the installed distributions they require (markers evaluated,
+    extras not followed), less every distribution some key names (`BASE_LIBRARIES`)."""
+    from packaging.requirements import Requirement
+
+    todo, seen = list(NON_DECIDING_ROOTS), set()
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return frozenset(seen - set(BASE_LIBRARIES))
 
 
 def source_digest(*files: str) -> str:
@@ -293,10 +317,10 @@ def run_stage(stage: Stage, run: StageRun) -> dict:
         # Fault injection for the kill-and-resume tests: die with SIGKILL at the worst moment, after the
         # stage's outputs are written and before its marker says so.
         os.kill(os.getpid(), signal.SIGKILL)
-    undeclared = [o for o in stage.outputs if o not in outputs]
+    not_returned = [o for o in stage.outputs if o not in outputs]
     missing = [o for o in outputs if not (run_dir / o).is_file()]
-    if missing or undeclared:
-        raise RuntimeError(f"stage {stage.name} did not write {missing or undeclared}")
+    if missing or not_returned:
+        raise RuntimeError(f"stage {stage.name} did not write {missing or not_returned}")
     write_json({"key": digest, "outputs": {o: file_digest(run_dir / o) for o in outputs}, "summary": summary,
                 "prefect": prefect_task_run()}, marker)
     log.info("stage %-9s done: %s", stage.name, json.dumps(summary, sort_keys=True)[:200])

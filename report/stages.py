@@ -10,7 +10,7 @@ from review import VERDICTS_FILE, error_rates, load_verdicts
 PLOT_LIBRARIES = ("matplotlib", "cycler", "fonttools", "kiwisolver", "pyparsing", "contourpy", "pillow")
 
 
-def release_files(run: StageRun) -> list[str]:
+def shards_and_sheet(run: StageRun) -> list[str]:
     """Every parquet file of the release folder (the report reads the folder as a dataset), and the augment
     stage's contact sheet when it made one."""
     release = run.run_dir / "release"
@@ -28,5 +28,5 @@ def report(run: StageRun) -> tuple[dict, list[str]]:
 
 REPORT = Stage("report", report, packages=("report", "review"), config=("run_name",),
                tables=(*REPORT_INPUTS, VERDICTS_FILE),  # REPORT_INPUTS has the QA rows and images the rates read
-               run_inputs=release_files, data=("report/kvasir_vqa_x1_reference.yaml",),
+               run_inputs=shards_and_sheet, data=("report/kvasir_vqa_x1_reference.yaml",),
                after=("dedup", "leakage", "augment"), libraries=PLOT_LIBRARIES)
