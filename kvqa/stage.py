@@ -6,8 +6,8 @@ config fields, run-folder tables, data files and folders, earlier stages' summar
 reads, and its build function. Its cache key is derived from the declaration, never written by hand;
 `tests/test_stage_keys.py` runs every build (the sample's, and the LLM path against the loopback stand-in)
 under an audit hook and a trace function, and fails when it opens a file of the project, the data or the
-run, or runs project or library code, that its declaration does not name. (What it cannot see: config
-fields read, C-level file opens, paths those builds do not take.)
+run, reads a config field, or runs project or library code, that its declaration does not name. (What it
+cannot see: files opened in C, paths those builds do not take.)
 
 Prefect's own task caching is per flow run unless results are persisted, and its TASK_SOURCE policy does not
 see helper code; here a stage is skipped when a marker written *after* its outputs records the same key and
@@ -52,6 +52,12 @@ BASE_LIBRARIES = ("numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
 # one. Named here (not in a test) because leaving a library out of every key is a decision of this contract.
 NON_DECIDING_ROOTS = ("prefect", "prefect-dask", "dask", "distributed", "openai", "huggingface-hub", "fsspec",
                       "tqdm", "filelock", "typer", "dill", "multiprocess", "xxhash", "threadpoolctl")
+
+
+# Config fields that decide how a stage runs, never what it writes (every runner and worker count gives the
+# same bytes: tests/test_dask_runner.py, tests/test_augment.py; `output_root` says where the caches are):
+# read by builds, in no key.
+HOW_NOT_WHAT = ("runner", "output_root", "augment.workers", "augment.batch_size")
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """The stage contract holds: every stage's key covers what its build reads, and nothing else redoes it.
 
 - `test_every_build_reads_only_what_it_declares` runs every stage's build on a copy of the sample build
-  under an audit hook (files opened) and a tracer (code run), and lists every file or code a build used that
-  its `Stage` declaration does not name: a data file nobody keyed (the report's reference YAML once), logic
-  left in `flows/`, a library whose version is in no key.
+  under an audit hook (files opened), a tracer (code run) and a recorder of config reads, and lists every
+  file, code or config field a build used that its `Stage` declaration does not name: a data file nobody
+  keyed (the report's reference YAML once), logic left in `flows/`, a library whose version is in no key;
+  `test_llm_builds_read_only_what_they_declare` does the same for the LLM path against the stand-in.
 - `test_each_declared_input_changes_exactly_the_stages_that_declare_it` changes every input one at a time
-  (a byte appended to a data file or a run table, a no-op edit of every `.py` of every stage package, a
-  summary, a parameter) and checks that exactly the stages that read it get a new key.
+  (a byte appended to a data file, a run table written again, a no-op edit of every `.py` of every stage
+  package, a summary, a parameter) and checks that exactly the stages that declare it get a new key.
 - `test_a_rebuild_redoes_exactly_the_stages_that_read_what_changed` does it end to end with the CLI in a copy
   of the project: the report's reference YAML, a flow, augment's render code and another augment module.
 - `test_flows_hold_no_stage_bodies` is the lint that keeps output-deciding logic out of `flows/`.
@@ -35,7 +36,8 @@ from explain.stages import MEDICO_TASK2
 from flows.build_release import RELEASE_STAGES
 from kvqa import stage as contract
 from kvqa.config import SAMPLE_CONFIG_PATH, load_config, public_config_yaml
-from kvqa.stage import (BASE_LIBRARIES, STAGE_PACKAGES, Runners, StageRun, data_paths, key_digest,
+from kvqa import config as config_models
+from kvqa.stage import (BASE_LIBRARIES, HOW_NOT_WHAT, STAGE_PACKAGES, Runners, StageRun, data_paths, key_digest,
                         non_deciding_libraries, run_input_paths, stage_key, stage_packages)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,6 +144,58 @@ class Tracer:
             setattr(getattr(pq, name), "__init__", real)
 
 
+class ConfigReads:
+    """The config fields a build reads: every config model's attribute reads are recorded by dotted path
+    (`sources.max_pixels` for a field of any source); a whole model dumped (`model_dump`, `model_copy`) is a
+    read of all of it (`generate.llm.*`). Walking from one model to another reads nothing."""
+
+    WHOLE = ("model_dump", "model_dump_json", "model_copy", "__iter__", "__eq__", "__hash__")
+
+    def __init__(self, cfg):
+        self.paths: dict[int, str] = {}
+        self.read: set[str] = set()
+        self._walk(cfg, "")
+
+    def _walk(self, obj, path: str) -> None:
+        if isinstance(obj, config_models._Strict):
+            self.paths[id(obj)] = path
+            for name in type(obj).model_fields:
+                self._walk(getattr(obj, name), f"{path}.{name}" if path else name)
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                self._walk(item, path)
+
+    def __enter__(self):
+        real = self.real = config_models._Strict.__getattribute__
+        reads = self
+
+        def recorded(model, name):
+            value = real(model, name)
+            path = reads.paths.get(id(model))
+            if path is not None:
+                if name in reads.WHOLE:
+                    reads.read.add(f"{path}.*" if path else "*")
+                elif name in type(model).model_fields and not isinstance(value, config_models._Strict) and not (
+                        isinstance(value, (list, tuple)) and value and isinstance(value[0], config_models._Strict)):
+                    reads.read.add(f"{path}.{name}" if path else name)
+            return value
+
+        config_models._Strict.__getattribute__ = recorded
+        return self
+
+    def __exit__(self, *exc):
+        config_models._Strict.__getattribute__ = self.real
+
+
+def undeclared_config(stage, read: set[str]) -> list[str]:
+    """The fields read that neither the declaration (config, unkeyed, `config:` data and listings) nor
+    `HOW_NOT_WHAT` names: a field is covered by itself or a declared section above it."""
+    declared = [*stage.config, *stage.unkeyed, *HOW_NOT_WHAT,
+                *(e[len("config:"):] for e in (*stage.data, *stage.listings) if e.startswith("config:"))]
+    return [f"read config {p} (not declared)" for p in sorted(read)
+            if not any(p.removesuffix(".*") == d or p.startswith(d + ".") for d in declared)]
+
+
 def site_of(path: Path) -> Path | None:
     return next((s for s in SITES if within(path, [s])), None)
 
@@ -241,9 +295,9 @@ def test_every_build_reads_only_what_it_declares(run_copy, tmp_path):
     problems = {}
     for stage in ALL_STAGES:
         run = given(stage, cfg, run_dir, summaries, params, Runners(augment=in_process_augment))
-        with Tracer() as tracer:
+        with Tracer() as tracer, ConfigReads(cfg) as config_reads:
             _, outputs = stage.build(run)
-        problems[stage.name] = problems_of(stage, run, tracer, outputs)
+        problems[stage.name] = problems_of(stage, run, tracer, outputs) + undeclared_config(stage, config_reads.read)
     assert not {name: p for name, p in problems.items() if p}, json.dumps(problems, indent=1)
 
 
@@ -277,10 +331,11 @@ def test_llm_builds_read_only_what_they_declare(sample_run, tmp_path, monkeypatc
         problems = {}
         for stage in (GENERATE, EXPLAIN):
             run = StageRun(cfg, run_dir)
-            with Tracer() as tracer:
+            with Tracer() as tracer, ConfigReads(cfg) as config_reads:
                 summary, outputs = stage.build(run)
             assert summary["llm_usage"], stage.name  # the requests went to the stand-in
-            problems[stage.name] = problems_of(stage, run, tracer, outputs)
+            problems[stage.name] = problems_of(stage, run, tracer, outputs) + undeclared_config(stage,
+                                                                                                config_reads.read)
     assert not {name: p for name, p in problems.items() if p}, json.dumps(problems, indent=1)
 
 
