@@ -35,6 +35,7 @@ from augment.track import render_chunk
 from explain.stages import MEDICO_TASK2
 from flows.build_release import RELEASE_STAGES
 from kvqa import stage as contract
+from kvqa.catalog import load_catalog
 from kvqa.config import SAMPLE_CONFIG_PATH, load_config, public_config_yaml
 from kvqa import config as config_models
 from kvqa.stage import (BASE_LIBRARIES, HOW_NOT_WHAT, STAGE_PACKAGES, Runners, StageRun, data_paths, key_digest,
@@ -291,12 +292,23 @@ def test_every_build_reads_only_what_it_declares(run_copy, tmp_path):
     shutil.rmtree(run_dir / "augmented")  # render again, so the render code runs under the tracer
     # An empty embedding cache, so the model is loaded and run under the tracer too.
     cfg = cfg.model_copy(update={"dedup": cfg.dedup.model_copy(update={"cache_dir": tmp_path / "embed-cache"})})
+    # Inputs the sample build has none of: an expert's verdicts (two rows judged wrong) and an added class.
+    from generate.plans import write_class_additions
+    from review import record_verdicts, row_digests
+
+    qa, images = pd.read_parquet(run_dir / "stages/qa_dedup.parquet"), pd.read_parquet(run_dir / "stages/images.parquet")
+    digests = row_digests(qa.head(2), images)
+    record_verdicts(run_dir, pd.DataFrame([{"qa_id": q, "verdict": "wrong", "comment": "", "sheet": "s", "line": i + 2,
+                                            "row_digest": d} for i, (q, d) in enumerate(sorted(digests.items()))]))
+    facts = pd.read_parquet(run_dir / "stages/facts.parquet")
+    write_class_additions(run_dir, (next(c for c in load_catalog(cfg.catalog).classes
+                                         if c not in set(facts["question_class"])),))
     (run_dir / "export" / "medico-task2").mkdir(parents=True, exist_ok=True)
     problems = {}
     for stage in ALL_STAGES:
         run = given(stage, cfg, run_dir, summaries, params, Runners(augment=in_process_augment))
         with Tracer() as tracer, ConfigReads(cfg) as config_reads:
-            _, outputs = stage.build(run)
+            summaries[stage.name], outputs = stage.build(run)
         problems[stage.name] = problems_of(stage, run, tracer, outputs) + undeclared_config(stage, config_reads.read)
     assert not {name: p for name, p in problems.items() if p}, json.dumps(problems, indent=1)
 
