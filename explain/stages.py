@@ -9,8 +9,12 @@ import pandas as pd
 from explain import EXPLANATION_COLUMNS, explain_rows, load_phrasings, make_explainer, mask_index
 from explain.medico import SUBMISSION_NAME, VAL_SET_NAME, export_task2
 from generate.grounding import GroundingChecker
-from generate.stages import ENGINE_LIBRARIES, PROMPT_FILES, USAGE_FILE, llm_caches
+from generate.grounding import LLM_PROMPTS
+from generate.prompts import prompt_files
+from generate.quality import rejection_problem
+from generate.stages import ENGINE_LIBRARIES, USAGE_FILE, llm_caches
 from kvqa.catalog import load_catalog
+from kvqa.config import Config
 from kvqa.errors import BadInput
 from kvqa.reconcile import by_reason, reconcile_ids
 from kvqa.stage import Stage, StageRun, failed_requests_redo
@@ -45,6 +49,11 @@ def explain(run: StageRun) -> tuple[dict, list[str]]:
              "by_reason": by_reason(rejected), "llm_usage": usage, "failed_requests": failed}, list(EXPLAIN.outputs))
 
 
+def too_many_rejected(cfg: Config, summary: dict) -> str | None:
+    return rejection_problem(summary["rows"], summary["by_reason"], cfg.explain.max_rejected_share, "QA rows",
+                             "explain")
+
+
 def task2_inputs(run: StageRun) -> list[str]:
     """What the export loads (`datasets`): the card (its `configs:` header) and the `data` and `explanations`
     configs' shards, not the augmented track."""
@@ -69,9 +78,11 @@ EXPLAIN = Stage("explain", explain, packages=("explain",), config=("explain", "s
                 unkeyed=("explain.max_rejected_share", "explain.llm.cache_dir", "explain.llm.batch_dir",
                          "explain.llm.verify", "explain.llm.naturalize_variants", "explain.llm.second_opinion"),
                 tables=("stages/qa_dedup.parquet", "stages/plans.parquet", "stages/facts.parquet"),
-                data=("config:catalog", "config:explain.phrasings", *PROMPT_FILES, "config:explain.llm.batch_results"),
+                # (every prompt the grounding check reads: its echo check)
+                data=("config:catalog", "config:explain.phrasings", *prompt_files(*LLM_PROMPTS),
+                      "config:explain.llm.batch_results"),
                 listings=("config:sources.masks_dir",),  # the mask files linked, by name (their bytes: the release)
                 caches=llm_caches("explain"), outputs=("stages/explanations.parquet", "stages/quarantine_explain.parquet"),
-                redo=failed_requests_redo, libraries=("pillow", *ENGINE_LIBRARIES))
+                redo=failed_requests_redo, rejection=too_many_rejected, libraries=("pillow", *ENGINE_LIBRARIES))
 MEDICO_TASK2 = Stage("medico_task2", medico_task2, packages=("explain",), run_inputs=task2_inputs,
                      libraries=("datasets", "pillow", "scipy"))

@@ -20,7 +20,7 @@ from flows.augment_track import augment_track
 from flows.run_state import record_run, run_lock
 from flows.steps import run
 from generate.plans import class_additions
-from generate.quality import empty_release_problem, rejection_problem
+from generate.quality import empty_release_problem
 from generate.stages import GENERATE, PLANS
 from kvqa.config import SAMPLE_CONFIG_PATH, Config, load_config, public_config_yaml
 from kvqa.errors import RunRejected
@@ -35,16 +35,6 @@ log = logging.getLogger("kvqa")
 # The release flow, in order. `augment` runs as the `augment_track` sub-flow (`kvqa augment` runs it alone).
 RELEASE_STAGES = (SOURCES, PLANS, GENERATE, DEDUP, IMAGES, AUGMENT, SPLITS, LEAKAGE, RELEASE, EXPLAIN,
                   RELEASE_EXPLANATIONS, CARD, EXPORT, REPORT)
-
-
-def rejection_after(stage: str, cfg: Config, summary: dict) -> str | None:
-    """Why the run is rejected after `stage` (its share of rejected rows over the configured limit), if it is."""
-    if stage == GENERATE.name:
-        return rejection_problem(summary["plans"], summary["by_reason"], cfg.generate.max_rejected_share)
-    if stage == EXPLAIN.name:
-        return rejection_problem(summary["rows"], summary["by_reason"], cfg.explain.max_rejected_share, "QA rows",
-                                 "explain")
-    return None
 
 
 def reject(problem: str, run_dir: Path, report: dict, quarantine_files: list[str]) -> None:
@@ -96,7 +86,7 @@ def build_release(config_path: str | None = None, output_root: str | None = None
                 summaries[stage.name] = augment_track(config_path, output_root, inputs_ready=True)
             else:
                 summaries[stage.name] = run(stage, cfg, run_dir, summaries, params)
-            if problem := rejection_after(stage.name, cfg, summaries[stage.name]):
+            if stage.rejection and (problem := stage.rejection(cfg, summaries[stage.name])):
                 written = {o for s in RELEASE_STAGES[:RELEASE_STAGES.index(stage) + 1] for o in s.outputs}
                 reject(problem, run_dir, run_report(cfg, run_dir, summaries),
                        [f for f in QUARANTINE_FILES if f in written])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvqa.catalog import load_catalog
+from kvqa.config import Config
 from kvqa.fanout import task_count
 from kvqa.reconcile import by_reason, reconcile, reconcile_ids
 from kvqa.stage import Stage, StageRun, failed_requests_redo
@@ -12,6 +13,7 @@ from kvqa.tables import write_table
 from generate.grounding import LLM_PROMPTS, GroundingChecker
 from generate.plans import ADDITIONS_FILE, class_additions, compose_plans
 from generate.prompts import prompt_files
+from generate.quality import rejection_problem
 from generate.realize import image_chunks, in_plan_order, make_backend, realize_chunk, realize_plans
 from generate.second_opinion import STAGE as SECOND_OPINION
 
@@ -33,6 +35,10 @@ def llm_caches(section: str):
         return [Path(llm.cache_dir or run.cfg.output_root / "llm-cache"), Path(llm.batch_dir or run.run_dir / "batch"),
                 run.run_dir / USAGE_FILE]
     return caches
+
+
+def too_many_rejected(cfg: Config, summary: dict) -> str | None:
+    return rejection_problem(summary["plans"], summary["by_reason"], cfg.generate.max_rejected_share)
 
 
 def plans(run: StageRun) -> tuple[dict, list[str]]:
@@ -81,4 +87,4 @@ GENERATE = Stage("generate", generate, packages=("generate",), config=("generate
                  tables=("stages/facts.parquet", "stages/plans.parquet"),
                  data=("config:catalog", *PROMPT_FILES, "config:generate.llm.batch_results"),
                  libraries=ENGINE_LIBRARIES, caches=llm_caches("generate"), outputs=("stages/qa.parquet", "stages/quarantine_generate.parquet"),
-                 redo=failed_requests_redo)
+                 redo=failed_requests_redo, rejection=too_many_rejected)

@@ -114,6 +114,8 @@ class Stage:
       embedding caches, per-variant records): never in the key, allowed to the build.
     - `outputs`: the files every build writes (a build may write more: shards), checked after it.
     - `redo`: given the marker's summary, a reason to build again although the key is the same.
+    - `rejection`: given the config and the stage's summary, why the flow rejects the run after it (too many
+      rows rejected), if it does; the config fields it reads are `unkeyed`.
     """
 
     name: str
@@ -131,6 +133,7 @@ class Stage:
     caches: Callable[[StageRun], Iterable[Path]] | None = None
     outputs: tuple[str, ...] = ()
     redo: Callable[[dict], str | None] | None = None
+    rejection: Callable[[Config, dict], str | None] | None = None
 
     def __post_init__(self):
         if self.build.__name__ != self.name:
