@@ -27,14 +27,14 @@ from kvqa.errors import RunRejected
 from kvqa.reconcile import QUARANTINE_FILES, write_run_quarantine
 from kvqa.tables import write_json
 from publish.stages import CARD, EXPORT, RELEASE, RELEASE_EXPLANATIONS, SPLITS
-from report.stages import REPORT
+from report.stages import QUARANTINE, REPORT
 from sources.stages import IMAGES, SOURCES
 
 log = logging.getLogger("kvqa")
 
 # The release flow, in order. `augment` runs as the `augment_track` sub-flow (`kvqa augment` runs it alone).
 RELEASE_STAGES = (SOURCES, PLANS, GENERATE, DEDUP, IMAGES, AUGMENT, SPLITS, LEAKAGE, RELEASE, EXPLAIN,
-                  RELEASE_EXPLANATIONS, CARD, EXPORT, REPORT)
+                  RELEASE_EXPLANATIONS, CARD, EXPORT, QUARANTINE, REPORT)
 
 
 def reject(problem: str, run_dir: Path, report: dict, quarantine_files: list[str]) -> None:
@@ -80,8 +80,6 @@ def build_release(config_path: str | None = None, output_root: str | None = None
         record_run(run_dir, Path(config_path or SAMPLE_CONFIG_PATH))
         summaries: dict[str, dict] = {}
         for stage in RELEASE_STAGES:
-            if stage is REPORT:  # the report reads the run's quarantine table
-                quarantine, counts = write_run_quarantine(run_dir)
             if stage is AUGMENT:
                 summaries[stage.name] = augment_track(config_path, output_root, inputs_ready=True)
             else:
@@ -90,11 +88,11 @@ def build_release(config_path: str | None = None, output_root: str | None = None
                 written = {o for s in RELEASE_STAGES[:RELEASE_STAGES.index(stage) + 1] for o in s.outputs}
                 reject(problem, run_dir, run_report(cfg, run_dir, summaries),
                        [f for f in QUARANTINE_FILES if f in written])
-        report = {**run_report(cfg, run_dir, summaries), "quarantine": counts}
+        report = run_report(cfg, run_dir, summaries)
         write_json(report, run_dir / "report.json")  # no paths or timings: it must be identical across runs
         if problem := empty_release_problem(report["release"]["rows"], report["quarantine"]["by_stage_reason"]):
             raise RunRejected(problem)  # report.json and quarantine.parquet are written
         rows = report["release"]["rows"]
         log.info("release written to %s: %s rows (%s), %d quarantined", run_dir / "release",
-                 sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), len(quarantine))
+                 sum(rows.values()), ", ".join(f"{k} {v}" for k, v in rows.items()), report["quarantine"]["total"])
         return {**report, "run_dir": str(run_dir), "release_dir": str(run_dir / "release")}

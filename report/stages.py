@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvqa.reconcile import QUARANTINE_FILES, write_run_quarantine
 from kvqa.stage import Stage, StageRun
 from report.page import REPORT_INPUTS, write_quality_report
 from review import VERDICTS_FILE, error_rates, load_verdicts
@@ -18,6 +19,12 @@ def shards_and_sheet(run: StageRun) -> list[str]:
     return sorted(str(p.relative_to(run.run_dir)) for p in release.rglob("*.parquet")) + ([sheet] if sheet else [])
 
 
+def quarantine(run: StageRun) -> tuple[dict, list[str]]:
+    """`quarantine.parquet`: every stage's quarantine table as one, and its counts by stage and reason."""
+    _, counts = write_run_quarantine(run.run_dir)
+    return counts, list(QUARANTINE.outputs)
+
+
 def report(run: StageRun) -> tuple[dict, list[str]]:
     """The quality report, with the expert review's error rates when verdicts were imported."""
     rates = error_rates(load_verdicts(run.run_dir), run.table("stages/qa_dedup.parquet"),
@@ -26,6 +33,8 @@ def report(run: StageRun) -> tuple[dict, list[str]]:
                                 rates, run.summaries["augment"].get("contact_sheet"))
 
 
+QUARANTINE = Stage("quarantine", quarantine, packages=("report",), tables=tuple(QUARANTINE_FILES),
+                   outputs=("quarantine.parquet",))
 REPORT = Stage("report", report, packages=("report", "review"), config=("run_name",),
                tables=(*REPORT_INPUTS, VERDICTS_FILE),  # REPORT_INPUTS has the QA rows and images the rates read
                run_inputs=shards_and_sheet, data=("report/kvasir_vqa_x1_reference.yaml",),

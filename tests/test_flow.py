@@ -113,7 +113,7 @@ def test_killed_run_resumes_to_the_same_bytes_and_a_rerun_is_cached(sample_run, 
     assert max(float(np.abs(native[t] - forced[t]).max()) for t in texts) < 1e-5
     again = run_cli("build", "--output-root", str(root), env=ALL_BASELINE)
     markers = list((root / "sample" / "stages").glob("*.done.json"))
-    assert again.stderr.count(" cached (key ") == len(markers) == 14 and " done: " not in again.stderr
+    assert again.stderr.count(" cached (key ") == len(markers) == 15 and " done: " not in again.stderr
     _same_run(root / "sample", sample_run)
 
 
@@ -131,7 +131,7 @@ def test_every_stage_of_a_build_ran_as_its_own_prefect_task_run(sample_run):
     markers = {p.name.removesuffix(".done.json"): json.loads(p.read_text())
                for p in (sample_run / "stages").glob("*.done.json")}
     runs = {stage: marker["prefect"] for stage, marker in markers.items()}
-    assert len(runs) == 14 and not [stage for stage, run in runs.items() if not run]
+    assert len(runs) == 15 and not [stage for stage, run in runs.items() if not run]
     assert len({run["task_run"] for run in runs.values()}) == len(runs)
     # One name per stage: the Prefect task, the build function and the marker.
     assert {stage: run["task"] for stage, run in runs.items()} == {stage: stage for stage in runs}
