@@ -13,7 +13,7 @@ from prefect import flow
 
 from augment.stages import AUGMENT
 from flows.run_state import run_lock
-from flows.steps import run
+from flows.steps import run_as_task
 from kvqa.config import load_config
 from sources.stages import IMAGES, SOURCES
 
@@ -34,8 +34,8 @@ def augment_track(config_path: str | None = None, output_root: str | None = None
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
         if not inputs_ready:
             for stage in (SOURCES, IMAGES):
-                run(stage, cfg, run_dir)
-        summary = run(AUGMENT, cfg, run_dir)
+                run_as_task(stage, cfg, run_dir)
+        summary = run_as_task(AUGMENT, cfg, run_dir)
         log.info("augmented track: %d of %d images, %d variants in %s", summary["augmented_images"],
                  summary["images"], summary["variants"], run_dir / "augmented")
         return summary

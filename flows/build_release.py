@@ -18,7 +18,7 @@ from dedup.stages import DEDUP, LEAKAGE
 from explain.stages import EXPLAIN
 from flows.augment_track import augment_track
 from flows.run_state import record_run, run_lock
-from flows.steps import run
+from flows.steps import run_as_task
 from generate.plans import class_additions
 from generate.quality import empty_release_problem
 from generate.stages import GENERATE, PLANS
@@ -83,7 +83,7 @@ def build_release(config_path: str | None = None, output_root: str | None = None
             if stage is AUGMENT:
                 summaries[stage.name] = augment_track(config_path, output_root, inputs_ready=True)
             else:
-                summaries[stage.name] = run(stage, cfg, run_dir, summaries, params)
+                summaries[stage.name] = run_as_task(stage, cfg, run_dir, summaries, params)
             if stage.rejection and (problem := stage.rejection(cfg, summaries[stage.name])):
                 written = {o for s in RELEASE_STAGES[:RELEASE_STAGES.index(stage) + 1] for o in s.outputs}
                 reject(problem, run_dir, run_report(cfg, run_dir, summaries),

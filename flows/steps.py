@@ -32,8 +32,8 @@ def stage_task(stage: Stage):
     return _TASKS[stage.name]
 
 
-def run(stage: Stage, cfg: Config, run_dir: Path, summaries: Mapping[str, dict] | None = None,
-        params: Mapping[str, Any] | None = None) -> dict:
+def run_as_task(stage: Stage, cfg: Config, run_dir: Path, summaries: Mapping[str, dict] | None = None,
+                params: Mapping[str, Any] | None = None) -> dict:
     """Run `stage` as its Prefect task, given the summaries it declares in `after` (taken from `summaries`)
     and the flow's `params`; returns its summary."""
     summaries = summaries or {}

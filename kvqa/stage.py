@@ -52,8 +52,6 @@ BASE_LIBRARIES = ("numpy", "pandas", "pyarrow", "pydantic", "pyyaml")
 # one. Named here (not in a test) because leaving a library out of every key is a decision of this contract.
 NON_DECIDING_ROOTS = ("prefect", "prefect-dask", "dask", "distributed", "openai", "huggingface-hub", "fsspec",
                       "tqdm", "filelock", "typer", "dill", "multiprocess", "xxhash", "threadpoolctl")
-
-
 # Config fields that decide how a stage runs, never what it writes (every runner and worker count gives the
 # same bytes: tests/test_dask_runner.py, tests/test_augment.py; `output_root` says where the caches are):
 # read by builds, in no key.
@@ -180,7 +178,8 @@ def code_version(*packages: str) -> str:
 @lru_cache(maxsize=None)
 def non_deciding_libraries() -> frozenset[str]:
     """`NON_DECIDING_ROOTS` and, transitively, the installed distributions they require (markers evaluated,
-    extras not followed), less every distribution some key names (`BASE_LIBRARIES`)."""
+    extras not followed), less `BASE_LIBRARIES`; what the stage-contract test lets a build run unkeyed (a
+    stage's own `libraries` are keyed whatever this says)."""
     from packaging.requirements import Requirement
 
     todo, seen = list(NON_DECIDING_ROOTS), set()
