@@ -70,7 +70,7 @@ def test_all_plans_realised_then_rerun_is_free(small, catalog, tmp_path, monkeyp
     plan = next(p for p in plan_inputs(plans, small[0]) if p.plan_id == row.qa_id)
     conv = backend.compose.render(facts=facts_json(plan), k=plan.complexity)
     assert row.prompt_hash == messages_digest(conv)[:16]
-    assert not any(SECRET in p.read_text() for p in (tmp_path / "cache").rglob("*"))
+    assert not any(SECRET.encode() in p.read_bytes() for p in (tmp_path / "cache").rglob("*"))  # (a database)
 
 
 def test_cache_key_covers_extra_body_not_the_server(small, catalog, tmp_path):
