@@ -21,14 +21,10 @@ from kvqa.stage import Runners, Stage, StageRun, run_stage
 _TASKS: dict[str, Any] = {}
 
 
-def _execute(stage: Stage, run: StageRun) -> dict:
-    return run_stage(stage, run)
-
-
 def stage_task(stage: Stage):
     """The Prefect task of `stage` (one per stage name, made once)."""
     if stage.name not in _TASKS:
-        _TASKS[stage.name] = task(_execute, name=stage.name, task_run_name=stage.name, cache_policy=NONE)
+        _TASKS[stage.name] = task(run_stage, name=stage.name, task_run_name=stage.name, cache_policy=NONE)
     return _TASKS[stage.name]
 
 
